@@ -1,0 +1,510 @@
+"""Entropic-time sampling schedules learned from a denoiser's per-level error (SPEC §3).
+
+Three parts, one per source of the error curve:
+
+- `SigmaBinnedLoss` accumulates the EDM training loss per ln-sigma bin while the model trains (DDP-safe).
+- `estimate_mmse` is the paper's dedicated estimation pass for any denoiser `D(x, sigma)`.
+- `EntropicSchedule` turns either curve into sampling grids, `sigmas(n_steps, sigma_min, sigma_max)`, and
+  saves itself as a small JSON file that `evodiff_pl.schedules.get_sigmas` consumes.
+
+The curve is held as q(sigma) = lambda(sigma) * m(sigma): the per-dimension MMSE m relative to the MMSE of
+Gaussian data N(0, sigma_data^2 I). q is what the EDM loss measures, it is flat in both tails, and it is
+interpolated linearly in ln sigma and extended as a constant beyond the estimated range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from evodiff_pl.schedules import get_sigmas
+
+__all__ = ["KINDS", "SigmaBinnedLoss", "EntropicSchedule", "edm_loss_weight", "estimate_mmse"]
+
+KINDS = ("entropic", "rescaled_entropic")
+_KIND_ALIASES = {"entropic": "entropic", "rescaled_entropic": "rescaled_entropic", "rescaled": "rescaled_entropic"}
+_SCHEDULE_FORMAT = "evodiff-pl/entropic-schedule"
+_TRACKER_FORMAT = "evodiff-pl/sigma-binned-loss"
+_VERSION = 1
+_N_GRID = 4096
+
+
+def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma * sigma_d)^2, the EDM loss weight (= 1 / c_out^2)."""
+    # Karras et al. 2022, eq. (8) / Table 1; SPEC §1
+    return (sigma.square() + sigma_data**2) / (sigma * sigma_data).square()
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x, constant beyond the ends (numpy.interp); xp increasing."""
+    idx = torch.searchsorted(xp, x, right=True).clamp(1, xp.numel() - 1)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    t = torch.where(x1 > x0, (x - x0) / (x1 - x0), torch.zeros_like(x)).clamp(0.0, 1.0)
+    return f0 + t * (f1 - f0)
+
+
+def _strictly_decreasing(sigmas: Tensor) -> Tensor:
+    """Nudge colliding interior levels by single ulps so that sigma_0 > sigma_1 > ... > sigma_N (ends fixed)."""
+    if bool((sigmas[1:] < sigmas[:-1]).all()):
+        return sigmas
+    s = sigmas.clone()
+    zero, inf = torch.zeros((), dtype=s.dtype), torch.full((), math.inf, dtype=s.dtype)
+    for j in range(1, s.numel() - 1):
+        if s[j] >= s[j - 1]:
+            s[j] = torch.nextafter(s[j - 1], zero)
+    for j in range(s.numel() - 2, 0, -1):
+        if s[j] <= s[j + 1]:
+            s[j] = torch.nextafter(s[j + 1], inf)
+    if not bool((s[1:] < s[:-1]).all()):
+        raise ValueError(f"cannot place {s.numel()} distinct float64 levels in [{s[-1].item()}, {s[0].item()}]")
+    return s
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: Tensor, op: dist.ReduceOp) -> Tensor:
+    """All-reduce a copy of t (on a CUDA device when the backend is NCCL) and return it on t's device."""
+    dev = t.device
+    if dist.get_backend() == "nccl" and dev.type != "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    buf = t.to(dev, copy=True)
+    dist.all_reduce(buf, op=op)
+    return buf.to(t.device)
+
+
+class SigmaBinnedLoss:
+    """Running per-level statistics of the EDM training loss, q = lambda(sigma) * MSE, in fixed ln-sigma bins.
+
+    `n_bins` equal bins of ln sigma cover [sigma_min, sigma_max]; samples outside that range (and NaN sigmas)
+    are dropped, so every bin's mean is the mean over exactly its own interval. A non-finite loss poisons its
+    bin until `reset()`; `EntropicSchedule.from_loss_stats` refuses such a curve.
+
+    `update` is the hot path: tensor ops on the device of its inputs, float64 sums, no host sync. It adds to a
+    rank-local pending accumulator; `sync()` all-reduces the pending sums and counts over the default process
+    group (when one is initialised) and folds them into the statistics, so every rank holds the same numbers.
+    With `ema_decay = d` both sums and counts decay by d per `update` call (= per training step), pending
+    included: the statistics are the same whether a global batch is fed to one process or split over ranks.
+    Readers (`sums`, `counts`, `mean_q`, `populated`) return the last synced statistics; without a process group they
+    fold the pending data first. Call `sync()` on every rank, e.g. every N steps and before `state_dict()`.
+    """
+
+    def __init__(
+        self,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        n_bins: int = 64,
+        ema_decay: float | None = None,
+        sigma_data: float = 0.5,
+    ) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not isinstance(n_bins, int) or n_bins < 2:
+            raise ValueError(f"n_bins must be an integer >= 2, got {n_bins!r}")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.n_bins, self.ema_decay, self.sigma_data = n_bins, ema_decay, float(sigma_data)
+        self._lo, self._hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        self._width = (self._hi - self._lo) / n_bins
+        self._sum, self._count, self._pending_sum, self._pending_count = (
+            torch.zeros(n_bins, dtype=torch.float64) for _ in range(4)
+        )
+        self._steps = 0
+        self._pending_steps = 0
+
+    @property
+    def steps(self) -> int:
+        """Number of `update` calls folded into the statistics (per rank; equal on every rank)."""
+        return self._steps
+
+    @property
+    def pending_steps(self) -> int:
+        """Number of `update` calls since the last `sync()` on this rank."""
+        return self._pending_steps
+
+    def _buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self._sum, self._count, self._pending_sum, self._pending_count
+
+    def _to(self, device: torch.device) -> None:
+        if self._sum.device != device:
+            self._sum, self._count, self._pending_sum, self._pending_count = (b.to(device) for b in self._buffers())
+
+    @torch.no_grad()
+    def update(self, sigma: Tensor, mse: Tensor, weight: Tensor) -> None:
+        """Add one training step: per-sample sigma (B,), x0-space MSE (B,) (mean over elements) and lambda (B,)."""
+        sigma, mse, weight = (t.detach().reshape(-1).to(torch.float64) for t in (sigma, mse, weight))
+        if not sigma.shape == mse.shape == weight.shape:
+            raise ValueError(f"sigma, mse and weight must have one value per sample, got shapes "
+                             f"{tuple(sigma.shape)}, {tuple(mse.shape)}, {tuple(weight.shape)}")
+        self._to(sigma.device)
+        log_sigma = sigma.log()
+        valid = (log_sigma >= self._lo) & (log_sigma <= self._hi)
+        pos = torch.where(valid, (log_sigma - self._lo) / self._width, torch.zeros_like(log_sigma))
+        idx = pos.floor().clamp(0, self.n_bins - 1).long()
+        # q = lambda(sigma) * MSE, the EDM loss per sample (SPEC §3)
+        q = torch.where(valid, weight * mse, torch.zeros_like(mse))
+        if self.ema_decay is not None:
+            self._pending_sum.mul_(self.ema_decay)
+            self._pending_count.mul_(self.ema_decay)
+        self._pending_sum.index_add_(0, idx, q)
+        self._pending_count.index_add_(0, idx, valid.to(torch.float64))
+        self._pending_steps += 1
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """All-reduce (SUM) the pending statistics over ranks and fold them in; call on every rank."""
+        steps = self._pending_steps
+        pending = torch.cat([self._pending_sum, self._pending_count])
+        if _world()[1] > 1:
+            bounds = _all_reduce(torch.tensor([steps, -steps], dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+            if bounds[0] != -bounds[1]:
+                raise RuntimeError(f"SigmaBinnedLoss.update was called {-bounds[1]:.0f} to {bounds[0]:.0f} times "
+                                   "per rank since the last sync; every rank must update once per step")
+            pending = _all_reduce(pending, dist.ReduceOp.SUM)
+        if self.ema_decay is not None:
+            self._sum.mul_(self.ema_decay**steps)
+            self._count.mul_(self.ema_decay**steps)
+        self._sum.add_(pending[: self.n_bins])
+        self._count.add_(pending[self.n_bins :])
+        self._steps += steps
+        self._pending_sum.zero_()
+        self._pending_count.zero_()
+        self._pending_steps = 0
+
+    def _synced(self) -> tuple[Tensor, Tensor]:
+        if _world()[1] == 1 and self._pending_steps:
+            self.sync()
+        return self._sum.cpu(), self._count.cpu()
+
+    def bin_centers(self) -> Tensor:
+        """sigma at the centre (in ln sigma) of every bin, float64 (n_bins,)."""
+        return torch.exp(self._lo + self._width * (torch.arange(self.n_bins, dtype=torch.float64) + 0.5))
+
+    def counts(self) -> Tensor:
+        """Samples per bin (decayed sums of sample counts with EMA), float64 (n_bins,) on the CPU."""
+        return self._synced()[1].clone()
+
+    def sums(self) -> Tensor:
+        """Sum of q = lambda * MSE per bin (decayed with EMA), float64 (n_bins,) on the CPU."""
+        return self._synced()[0].clone()
+
+    def mean_q(self) -> Tensor:
+        """Mean q = lambda * MSE per bin, NaN where a bin is empty, float64 (n_bins,) on the CPU."""
+        total, count = self._synced()
+        return torch.where(count > 0, total / count, torch.full_like(total, math.nan))
+
+    def populated(self, min_count: float = 1.0) -> Tensor:
+        """Bool mask of the bins holding at least `min_count` (effective, with EMA) samples."""
+        return self._synced()[1] >= min_count
+
+    def reset(self) -> None:
+        """Forget all statistics, pending ones included."""
+        for b in self._buffers():
+            b.zero_()
+        self._steps = 0
+        self._pending_steps = 0
+
+    def _config(self) -> dict[str, Any]:
+        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "n_bins": self.n_bins,
+                "ema_decay": self.ema_decay, "sigma_data": self.sigma_data}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors (CPU) and config; with several ranks, `sync()` must have been called on every rank."""
+        if _world()[1] > 1 and self._pending_steps:
+            raise RuntimeError("SigmaBinnedLoss has unsynced statistics: call sync() on every rank before state_dict()")
+        names = ("sum", "count", "pending_sum", "pending_count")
+        tensors = {k: b.cpu().clone() for k, b in zip(names, self._buffers())}
+        return {"format": _TRACKER_FORMAT, "version": _VERSION, **self._config(), **tensors,
+                "steps": self._steps, "pending_steps": self._pending_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output exactly; the binning config must match this tracker's."""
+        if not isinstance(state, dict) or state.get("format") != _TRACKER_FORMAT:
+            raise ValueError("not a SigmaBinnedLoss state dict (missing format tag)")
+        if state.get("version") != _VERSION:
+            raise ValueError(f"unsupported SigmaBinnedLoss state version {state.get('version')!r}")
+        saved = {k: state.get(k) for k in self._config()}
+        if saved != self._config():
+            raise ValueError(f"SigmaBinnedLoss config mismatch: checkpoint {saved}, tracker {self._config()}")
+        dev = self._sum.device
+        self._sum, self._count, self._pending_sum, self._pending_count = (
+            torch.as_tensor(state[k], dtype=torch.float64).to(dev).clone()
+            for k in ("sum", "count", "pending_sum", "pending_count")
+        )
+        if any(b.shape != (self.n_bins,) for b in self._buffers()):
+            raise ValueError(f"SigmaBinnedLoss state tensors must have shape ({self.n_bins},)")
+        self._steps, self._pending_steps = int(state["steps"]), int(state["pending_steps"])
+
+
+class EntropicSchedule:
+    """A learned (rescaled) entropic-time schedule from a per-level error curve (Stancevic et al. 2025; SPEC §3).
+
+    The curve is q at strictly increasing ln sigma nodes; q is interpolated linearly in ln sigma and held
+    constant beyond the nodes, m = q / lambda(sigma), and the schedule's rate per unit ln sigma is
+    dim * m / sigma^2 (kind "entropic") or dim * m / sigma (kind "rescaled_entropic"). `sigma_range` is the
+    range the curve was estimated on; `check_sigma_range` lets a consumer refuse a mismatch.
+    """
+
+    def __init__(
+        self,
+        log_sigma: Tensor,
+        q: Tensor,
+        *,
+        kind: str = "rescaled_entropic",
+        sigma_data: float = 0.5,
+        dim: int | None = None,
+        sigma_range: tuple[float, float] | None = None,
+        source: dict[str, Any] | None = None,
+    ) -> None:
+        if kind not in _KIND_ALIASES:
+            raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)} (or 'rescaled')")
+        log_sigma = torch.as_tensor(log_sigma, dtype=torch.float64).detach().cpu().reshape(-1)
+        q = torch.as_tensor(q, dtype=torch.float64).detach().cpu().reshape(-1)
+        if log_sigma.shape != q.shape or log_sigma.numel() < 2:
+            raise ValueError(f"need >= 2 matching nodes, got ln sigma {tuple(log_sigma.shape)} and q {tuple(q.shape)}")
+        if not bool(torch.isfinite(log_sigma).all()) or not bool((log_sigma[1:] > log_sigma[:-1]).all()):
+            raise ValueError("ln sigma nodes must be finite and strictly increasing")
+        bad = ~(torch.isfinite(q) & (q > 0))
+        if bool(bad.any()):
+            at = ", ".join(f"{s:.4g}" for s in log_sigma[bad].exp().tolist()[:8])
+            raise ValueError(f"the error curve must be finite and > 0; bad values at sigma = {at}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        if dim is not None and (not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"dim must be a positive integer or None, got {dim!r}")
+        lo, hi = (math.exp(log_sigma[0].item()), math.exp(log_sigma[-1].item())) if sigma_range is None else sigma_range
+        if not 0 < lo < hi:
+            raise ValueError(f"sigma_range must satisfy 0 < min < max, got {sigma_range}")
+        self.kind = _KIND_ALIASES[kind]
+        self.log_sigma, self.q = log_sigma, q
+        self.sigma_data, self.dim = float(sigma_data), dim
+        self.sigma_range = (float(lo), float(hi))
+        self.source = dict(source or {})
+
+    @classmethod
+    def from_mmse(
+        cls,
+        sigmas: Tensor,
+        mmse_per_dim: Tensor,
+        *,
+        kind: str = "rescaled_entropic",
+        dim: int | None = None,
+        sigma_data: float = 0.5,
+        source: dict[str, Any] | None = None,
+    ) -> "EntropicSchedule":
+        """From a per-dimension MMSE curve m(sigma) at strictly monotone sigmas (either order), e.g. `estimate_mmse`.
+
+        The curve is stored as q = lambda(sigma) * m and interpolated linearly in ln sigma like a loss curve;
+        `sigma_data` only sets that reparametrisation (and the tail extension), any positive value works.
+        """
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1)
+        m = torch.as_tensor(mmse_per_dim, dtype=torch.float64).detach().cpu().reshape(-1)
+        if sigmas.shape != m.shape:
+            raise ValueError(f"sigmas {tuple(sigmas.shape)} and mmse_per_dim {tuple(m.shape)} must match")
+        if not bool((sigmas > 0).all()):
+            raise ValueError("sigmas must be > 0")
+        if sigmas.numel() > 1 and sigmas[0] > sigmas[-1]:
+            sigmas, m = sigmas.flip(0), m.flip(0)
+        if not bool((sigmas[1:] > sigmas[:-1]).all()):
+            raise ValueError("sigmas must be strictly monotone")
+        if not bool((torch.isfinite(m) & (m > 0)).all()):
+            raise ValueError("mmse_per_dim must be finite and > 0")
+        info = {"method": "mmse", "n_levels": sigmas.numel(), **(source or {})}
+        # q = lambda(sigma) * m  (SPEC §3)
+        q = edm_loss_weight(sigmas, sigma_data) * m
+        return cls(sigmas.log(), q, kind=kind, sigma_data=sigma_data, dim=dim,
+                   sigma_range=(sigmas[0].item(), sigmas[-1].item()), source=info)
+
+    @classmethod
+    def from_loss_stats(
+        cls,
+        tracker: SigmaBinnedLoss,
+        *,
+        kind: str = "rescaled_entropic",
+        sigma_data: float | None = None,
+        dim: int | None = None,
+        min_count: float = 64.0,
+        min_populated_bins: int = 4,
+        source: dict[str, Any] | None = None,
+    ) -> "EntropicSchedule":
+        """From the binned training loss (the last synced statistics of `tracker`).
+
+        Consecutive bins are pooled from small to large sigma until each node holds >= `min_count` (effective)
+        samples; a remainder at the large-sigma end joins the last node. Each node's q is its pooled mean, placed
+        at the count-weighted mean ln sigma of its bin centres; empty bins are skipped. So the sparse tails of the
+        training distribution are estimated from all their samples, not from single noisy bins.
+        `sigma_data` defaults to the tracker's. Raises ValueError when fewer than `min_populated_bins` nodes
+        result or a node's q is not finite and positive.
+        """
+        if not min_count > 0:
+            raise ValueError(f"min_count must be > 0, got {min_count}")
+        centres = tracker.bin_centers().log().tolist()
+        nodes: list[list[float]] = []
+        acc = [0.0, 0.0, 0.0]
+        for x, total, count in zip(centres, tracker.sums().tolist(), tracker.counts().tolist()):
+            if count > 0:
+                acc = [acc[0] + count * x, acc[1] + total, acc[2] + count]
+            if acc[2] >= min_count:
+                nodes.append(acc)
+                acc = [0.0, 0.0, 0.0]
+        if nodes and acc[2] > 0:
+            nodes[-1] = [a + b for a, b in zip(nodes[-1], acc)]
+        need = max(min_populated_bins, 2)
+        if len(nodes) < need:
+            raise ValueError(f"the {tracker.n_bins} loss bins hold {tracker.counts().sum().item():.6g} samples in "
+                             f"{len(nodes)} groups of >= {min_count:g}; need at least {need} groups to estimate an "
+                             "entropic schedule (train longer, sync(), or lower min_count)")
+        x, total, count = torch.tensor(nodes, dtype=torch.float64).unbind(1)
+        log_sigma, q = x / count, total / count
+        bad = ~(torch.isfinite(q) & (q > 0))
+        if bool(bad.any()):
+            at = ", ".join(f"{s:.4g}" for s in log_sigma[bad].exp().tolist()[:8])
+            raise ValueError(f"the binned training loss is not finite and positive at sigma = {at}")
+        info = {"method": "training_loss", "n_bins": tracker.n_bins, "min_count": min_count, "nodes": len(nodes),
+                "ema_decay": tracker.ema_decay, "updates": tracker.steps,
+                "effective_samples": count.sum().item(), **(source or {})}
+        return cls(log_sigma, q, kind=kind, sigma_data=tracker.sigma_data if sigma_data is None else sigma_data,
+                   dim=dim, sigma_range=(tracker.sigma_min, tracker.sigma_max), source=info)
+
+    def mmse(self, sigma: Tensor | float) -> Tensor:
+        """Per-dimension MMSE m(sigma) = q(ln sigma) / lambda(sigma) of the stored curve, float64."""
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        # m = q / lambda(sigma)  (SPEC §3)
+        return _interp(s.log(), self.log_sigma, self.q) / edm_loss_weight(s, self.sigma_data)
+
+    def rate(self, sigma: Tensor | float) -> Tensor:
+        """dH/d ln sigma = dim m/sigma^2 (entropic) or dR/d ln sigma = dim m/sigma (rescaled); dim = 1 if None."""
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        # SPEC §3: dH/dln sigma = dim m / sigma^2, dR/dln sigma = dim m / sigma
+        r = self.mmse(s) / (s.square() if self.kind == "entropic" else s)
+        return r * (self.dim or 1)
+
+    def tau(self, sigma: Tensor | float, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+        """The normalised time tau(sigma) in [0, 1] over [sigma_min, sigma_max] (trapezoid rule on a fine grid)."""
+        u, t = self._tau_grid(sigma_min, sigma_max)
+        return _interp(torch.as_tensor(sigma, dtype=torch.float64).log(), u, t)
+
+    def _tau_grid(self, sigma_min: float, sigma_max: float) -> tuple[Tensor, Tensor]:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        u = torch.linspace(math.log(sigma_min), math.log(sigma_max), _N_GRID, dtype=torch.float64)
+        r = self.rate(u.exp())
+        # cumulative trapezoid of the rate in ln sigma, normalised to [0, 1]  (SPEC §3)
+        t = torch.cat([r.new_zeros(1), torch.cumsum(0.5 * (r[1:] + r[:-1]) * u.diff(), 0)])
+        return u, t / t[-1]
+
+    def sigmas(self, n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
+        """n_steps + 1 strictly decreasing float64 levels at uniform tau_j = 1 - j/n_steps, both ends exact.
+
+        tau is the trapezoid integral of `rate` on 4096 points uniform in ln sigma over [sigma_min, sigma_max],
+        inverted by linear interpolation of ln sigma; colliding levels are separated by single ulps.
+        """
+        if not isinstance(n_steps, int) or n_steps < 1:
+            raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+        u, t = self._tau_grid(sigma_min, sigma_max)
+        target = 1.0 - torch.arange(n_steps + 1, dtype=torch.float64) / n_steps
+        s = _interp(target, t, u).exp()
+        s[0], s[-1] = sigma_max, sigma_min
+        return _strictly_decreasing(s)
+
+    def check_sigma_range(self, sigma_min: float, sigma_max: float, rtol: float = 1e-6) -> None:
+        """Raise ValueError unless [sigma_min, sigma_max] is the range the curve was estimated on."""
+        lo, hi = self.sigma_range
+        if not (math.isclose(sigma_min, lo, rel_tol=rtol) and math.isclose(sigma_max, hi, rel_tol=rtol)):
+            raise ValueError(f"the {self.kind} schedule was estimated on sigma in [{lo}, {hi}], "
+                             f"not [{sigma_min}, {sigma_max}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; floats round-trip exactly."""
+        return {"format": _SCHEDULE_FORMAT, "version": _VERSION, "kind": self.kind, "sigma_data": self.sigma_data,
+                "dim": self.dim, "sigma_range": list(self.sigma_range), "log_sigma": self.log_sigma.tolist(),
+                "q": self.q.tolist(), "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EntropicSchedule":
+        """Inverse of `to_dict`; a dict of another format raises ValueError."""
+        if not isinstance(d, dict) or d.get("format") != _SCHEDULE_FORMAT:
+            raise ValueError(f"not an entropic schedule (expected format {_SCHEDULE_FORMAT!r})")
+        if d.get("version") != _VERSION:
+            raise ValueError(f"unsupported entropic schedule version {d.get('version')!r} (this code reads {_VERSION})")
+        missing = [k for k in ("kind", "sigma_data", "dim", "sigma_range", "log_sigma", "q", "source") if k not in d]
+        if missing:
+            raise ValueError(f"entropic schedule is missing {', '.join(missing)}")
+        return cls(torch.tensor(d["log_sigma"], dtype=torch.float64), torch.tensor(d["q"], dtype=torch.float64),
+                   kind=d["kind"], sigma_data=d["sigma_data"], dim=d["dim"], sigma_range=tuple(d["sigma_range"]),
+                   source=d["source"])
+
+    def save(self, path: str | Path) -> None:
+        """Write the schedule as a small JSON file."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EntropicSchedule":
+        """Read a file written by `save`; anything else raises ValueError naming the file."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+@torch.no_grad()
+def estimate_mmse(
+    denoiser: Callable[[Tensor, Tensor], Tensor],
+    data: Tensor | Callable[[int, torch.Generator], Tensor],
+    *,
+    n_levels: int = 128,
+    n_pairs: int = 1024,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The paper's dedicated pass: per-dimension error of `denoiser` on the Karras grid (Stancevic et al. 2025).
+
+    `data` is a tensor whose first `n_pairs` rows are the images, or a sampler `data(n, generator)`. One noise
+    draw per image (from `seed`) is reused at all `n_levels` levels (common random numbers), so the result
+    does not depend on `batch_size`. `denoiser(x, sigma)` gets sigma as a (B,) tensor; pass a network in eval
+    mode. With a process group every rank must call this; each evaluates a strided share of the pairs and the
+    sums are all-reduced. Returns (sigmas (K,) descending, m (K,)), float64 on the CPU, for `from_mmse`.
+    """
+    if n_levels < 2 or n_pairs < 1 or batch_size < 1:
+        raise ValueError(f"need n_levels >= 2, n_pairs >= 1, batch_size >= 1; got {n_levels}, {n_pairs}, {batch_size}")
+    gen = torch.Generator().manual_seed(seed)
+    x0 = data(n_pairs, gen) if callable(data) else data[:n_pairs]
+    if x0.shape[0] != n_pairs:
+        raise ValueError(f"data has {x0.shape[0]} samples, estimate_mmse needs n_pairs={n_pairs}")
+    noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+    dim = x0[0].numel()
+    rank, world = _world()
+    device = torch.device(device) if device is not None else x0.device
+    mine = torch.arange(rank, n_pairs, world)
+    x0, noise = x0[mine].to(device), noise[mine].to(device)
+    sigmas = get_sigmas("karras", n_levels - 1, sigma_min, sigma_max)
+    totals = torch.zeros(n_levels, dtype=torch.float64, device=device)
+    for k in tqdm(range(n_levels), desc="MMSE levels", disable=not progress or rank != 0):
+        for start in range(0, x0.shape[0], batch_size):
+            x, eps = x0[start : start + batch_size], noise[start : start + batch_size]
+            sigma = torch.full((x.shape[0],), sigmas[k].item(), dtype=x.dtype, device=device)
+            # x_sigma = x0 + sigma * eps  (SPEC, notation)
+            d = denoiser(x + sigmas[k].item() * eps, sigma)
+            totals[k] += (d.to(torch.float64) - x.to(torch.float64)).square().sum()
+    if world > 1:
+        totals = _all_reduce(totals, dist.ReduceOp.SUM)
+    # m(sigma) = E||D(x_sigma, sigma) - x0||^2 / dim  (SPEC §3)
+    return sigmas, totals.cpu() / (n_pairs * dim)
