@@ -1,0 +1,217 @@
+"""Sample quality during training: a Lightning callback scoring the EMA denoiser under several solver settings."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from evodiff_pl.data import to_uint8
+from evodiff_pl.generate import EvalSpec, generate, rank_indices, save_grid
+from evodiff_pl.metrics import FrechetScore, build_extractor
+
+log = logging.getLogger(__name__)
+
+
+class SampleQualityCallback(L.Callback):
+    """Fréchet distance of EMA samples to the training data for each `EvalSpec`, every few validations.
+
+    Every rank generates its strided share of the `num_samples` indices (sample j uses seed + j, so the
+    score does not depend on the number of processes), the score is reduced once over ranks and logged
+    as `val/<score name>/<spec name>`, e.g. `val/fd_pixels_2k/evodiff_rescaled_entropic_nfe10`. Rank 0
+    saves a fixed-seed grid per spec to `<out_dir>/grids/<spec name>_<images seen>.png` (images only)
+    and sends it to W&B when a WandbLogger is attached. A spec whose learned schedule does not exist
+    yet is skipped with an info line; a failing spec is skipped with a warning and never stops training.
+
+    The LightningModule must expose `ema` (D(x, sigma[, labels])), `entropic_schedule` (or None),
+    `sample_shape`, `num_classes`, `sigma_min`, `sigma_max` and `images_seen`; the datamodule
+    `shape`, `stats_key()` and `real_images(max_n)`. The reference statistics are prepared in `setup`.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[EvalSpec | str | Mapping],
+        num_samples: int = 2000,
+        *,
+        every_n_evals: int | None = None,
+        every_n_images: int | None = None,
+        seed: int = 0,
+        feature: str = "pixels",
+        weights_path: str | os.PathLike | None = None,
+        stats_dir: str | os.PathLike | None = None,
+        num_real: int | None = None,
+        batch_size: int = 256,
+        grid_size: int = 64,
+        out_dir: str | os.PathLike | None = None,
+    ) -> None:
+        """
+        Args:
+            specs: evaluation settings, as EvalSpec or "solver/schedule/nfe" strings (e.g.
+                "evodiff/rescaled_entropic/10", "dpmpp_2m/logsnr/10", "heun/karras/36": heun makes
+                2 NFE per step, so its NFE is even).
+            num_samples: generated samples per spec and evaluation, over all ranks.
+            every_n_evals: evaluate at every n-th validation epoch (sanity check excluded).
+            every_n_images: evaluate at the first validation after each multiple of n training images
+                (`pl_module.images_seen`); exclusive with every_n_evals. Neither: every validation.
+            seed: base seed of the generated samples (sample j uses seed + j) and of the grids.
+            feature: "pixels" (Fréchet distance on pixels / raw vectors, offline) or "inception" (FID).
+            weights_path: local InceptionV3 weights for feature="inception" (needed offline).
+            stats_dir: cache of reference statistics; default ~/.cache/evodiff-pl/stats.
+            num_real: reference samples used; None = the whole `real_images()`.
+            batch_size: samples per denoiser call on each rank.
+            grid_size: images in each spec's sample grid; 0 disables the grids.
+            out_dir: the grids go to out_dir/grids; default the trainer's default_root_dir.
+        """
+        super().__init__()
+        self.specs = [EvalSpec.parse(s) for s in specs]
+        if not self.specs:
+            raise ValueError("specs is empty: give at least one 'solver/schedule/nfe'")
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate specs: {names}")
+        if every_n_evals is not None and every_n_images is not None:
+            raise ValueError("set every_n_evals or every_n_images, not both")
+        for key, value in (("every_n_evals", every_n_evals), ("every_n_images", every_n_images)):
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if num_samples < 2 or batch_size < 1 or grid_size < 0:
+            raise ValueError(f"need num_samples >= 2, batch_size >= 1, grid_size >= 0; got {num_samples}, "
+                             f"{batch_size}, {grid_size}")
+        self.num_samples = num_samples
+        self.every_n_evals = every_n_evals
+        self.every_n_images = every_n_images
+        self.seed = seed
+        self.feature = feature
+        self.stats_dir = stats_dir
+        self.num_real = num_real
+        self.batch_size = batch_size
+        self.grid_size = grid_size
+        self.out_dir = out_dir
+        # Build (and so check) the Inception weights now, not after the first training epoch.
+        self._extractor = build_extractor(feature, weights_path=weights_path) if feature != "pixels" else None
+        self.score: FrechetScore | None = None
+        self._evals = 0
+        self._last_bucket = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(feature=self.feature, num_samples=self.num_samples,
+                                        specs=tuple(s.name for s in self.specs))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"evals": self._evals, "last_bucket": self._last_bucket}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._evals = state_dict["evals"]
+        self._last_bucket = state_dict["last_bucket"]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Build the score and load (or compute and cache, on rank 0) the reference statistics."""
+        if self.score is not None or stage not in ("fit", "validate"):
+            return
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "real_images"):
+            raise ValueError("SampleQualityCallback needs a datamodule with shape, stats_key() and real_images()")
+        self.score = FrechetScore(
+            self._extractor if self._extractor is not None else self.feature,
+            num_samples=self.num_samples, shape=tuple(dm.shape), stats_dir=self.stats_dir, num_real=self.num_real,
+        ).to(trainer.strategy.root_device)
+        start = time.perf_counter()
+        path = self.score.prepare_real(dm, rank=trainer.global_rank)
+        rank_zero_info(f"{self.score.name}: reference statistics {path} ({time.perf_counter() - start:.1f} s)")
+
+    def _due(self, pl_module: L.LightningModule) -> bool:
+        self._evals += 1
+        if self.every_n_images is not None:
+            bucket = int(pl_module.images_seen) // self.every_n_images
+            due, self._last_bucket = bucket > self._last_bucket, max(bucket, self._last_bucket)
+            return due
+        return self._evals % (self.every_n_evals or 1) == 0
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self._due(pl_module):
+            return
+        for spec in self.specs:
+            start = time.perf_counter()
+            sigmas = self._sigmas(pl_module, spec)
+            value = None if sigmas is None else self.evaluate(trainer, pl_module, spec, sigmas)
+            if value is None:
+                continue
+            pl_module.log(f"val/{self.score.name}/{spec.name}", value, sync_dist=False, rank_zero_only=False)
+            rank_zero_info(f"val/{self.score.name}/{spec.name} = {value:.6g} ({time.perf_counter() - start:.1f} s)")
+            if trainer.is_global_zero and self.grid_size and len(pl_module.sample_shape) == 3:
+                self._save_grid(trainer, pl_module, spec, sigmas)
+
+    def _sigmas(self, pl_module: L.LightningModule, spec: EvalSpec) -> Tensor | None:
+        """The spec's grid, or None (with a message) when its learned schedule is missing or unusable."""
+        learned = pl_module.entropic_schedule
+        if spec.needs_schedule and getattr(learned, "kind", None) != spec.schedule:
+            have = "no learned schedule yet" if learned is None else f"the learned schedule is {learned.kind!r}"
+            rank_zero_info(f"skipping {spec.name}: {have}")
+            return None
+        try:
+            return spec.sigmas(pl_module.sigma_min, pl_module.sigma_max, schedule=learned)
+        except ValueError as err:  # same schedule on every rank: all ranks skip together
+            rank_zero_warn(f"skipping {spec.name}: no sigma grid: {err}")
+            return None
+
+    def _sample(self, pl_module: L.LightningModule, spec: EvalSpec, sigmas: Tensor, indices: Tensor) -> Tensor:
+        """The samples of `indices` under `spec`, float in the data's range."""
+        return generate(
+            pl_module.ema, indices, tuple(pl_module.sample_shape), solver=spec.solver, sigmas=sigmas,
+            seed=self.seed, batch_size=self.batch_size, num_classes=pl_module.num_classes, device=pl_module.device,
+        )
+
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, spec: EvalSpec, sigmas: Tensor
+    ) -> float | None:
+        """The score of one spec on the grid `sigmas` over all ranks (call on every rank), or None if it failed."""
+        score = self.score.to(pl_module.device)
+        score.reset()
+        n_failed = 0.0
+        try:
+            share = rank_indices(self.num_samples, trainer.global_rank, trainer.world_size)
+            for chunk in share.split(self.batch_size) if len(share) else ():
+                x = self._sample(pl_module, spec, sigmas, chunk)
+                if not bool(torch.isfinite(x).all()):
+                    raise FloatingPointError("non-finite samples")
+                score.update(x)
+            if not len(share):  # a rank without samples still takes part in compute()
+                score.update(torch.empty(0, *pl_module.sample_shape, device=pl_module.device))
+        except Exception:  # one rank failing must not leave the others waiting in compute()
+            log.warning("rank %d: generating %s failed", trainer.global_rank, spec.name, exc_info=True)
+            n_failed = 1.0
+        n_failed = float(trainer.strategy.reduce(torch.tensor(n_failed, device=pl_module.device), reduce_op="sum"))
+        if n_failed > 0:
+            rank_zero_warn(f"skipping {spec.name}: sample generation failed on {int(n_failed)} rank(s)")
+            return None
+        try:
+            return score.compute()
+        except Exception as err:  # identical synced state on every rank: all ranks take this branch together
+            rank_zero_warn(f"skipping {spec.name}: computing {score.name} failed: {type(err).__name__}: {err}")
+            return None
+
+    def _save_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, spec: EvalSpec, sigmas: Tensor) -> None:
+        out_dir = Path(self.out_dir if self.out_dir is not None else trainer.default_root_dir)
+        path = out_dir / "grids" / f"{spec.name}_{int(pl_module.images_seen)}.png"
+        try:
+            x = self._sample(pl_module, spec, sigmas, torch.arange(self.grid_size))
+            save_grid(to_uint8(x), path, nrow=math.ceil(math.sqrt(self.grid_size)))
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=f"samples/{spec.name}", images=[str(path)], step=trainer.global_step,
+                                     caption=[f"{int(pl_module.images_seen)} images"])
+        except Exception:  # a grid is a by-product: never stop training for it
+            log.warning("saving the sample grid %s failed", path, exc_info=True)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Release the score's memory (extractor and 2 x d^2 float64 sums) after the run."""
+        self.score = None

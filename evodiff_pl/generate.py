@@ -1,0 +1,188 @@
+"""The one generation code path: per-index seeds, strided rank shares, evaluation specs, sample grids.
+
+Sample j of a run with base seed s draws its initial noise and its class label from a CPU
+`torch.Generator` seeded with s + j, so an image depends only on (j, s): never on the batch size,
+the number of processes or the device. The validation callback (`evodiff_pl.evaluation`) and
+`sample.py` both generate through `generate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from evodiff_pl.schedules import SCHEDULES, LearnedSchedule, get_sigmas
+from evodiff_pl.solvers import SOLVERS, nfe, solve
+
+
+def rank_indices(num_samples: int, rank: int, world_size: int) -> Tensor:
+    """Sample indices of process `rank`: j with j % world_size == rank (every rank gets a near-equal share)."""
+    if num_samples < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need num_samples >= 0 and 0 <= rank < world_size, got {num_samples}, {rank}, {world_size}")
+    return torch.arange(num_samples, dtype=torch.int64)[rank::world_size]
+
+
+def initial_noise(
+    indices: Tensor, shape: tuple[int, ...], seed: int, num_classes: int = 0
+) -> tuple[Tensor, Tensor | None]:
+    """Unit-variance float32 noise (len(indices), *shape) on the CPU and int64 labels (None if num_classes == 0).
+
+    Sample j draws its noise, then its label, from a generator seeded with seed + j.
+    """
+    noise = torch.empty(len(indices), *shape)
+    labels = torch.empty(len(indices), dtype=torch.int64) if num_classes > 0 else None
+    for row, j in enumerate(indices.tolist()):
+        g = torch.Generator().manual_seed(seed + j)
+        noise[row] = torch.randn(shape, generator=g)
+        if labels is not None:
+            labels[row] = torch.randint(num_classes, (), generator=g)
+    return noise, labels
+
+
+def _with_labels(denoiser: Callable[..., Tensor], labels: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda x, sigma: denoiser(x, sigma, labels)
+
+
+def generate(
+    denoiser: Callable[..., Tensor],
+    indices: Tensor,
+    shape: tuple[int, ...],
+    *,
+    solver: str,
+    sigmas: Tensor,
+    seed: int,
+    batch_size: int,
+    num_classes: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    **solver_options,
+) -> Tensor:
+    """Samples x_N of the probability-flow ODE for the given sample indices, (len(indices), *shape) on `device`.
+
+    Args:
+        denoiser: D(x, sigma) with sigma of shape (B,); called as D(x, sigma, labels) when num_classes > 0.
+        indices: 1-D int64 sample indices (e.g. `rank_indices(...)`); sample j uses seed + j.
+        shape: shape of one sample, e.g. (C, H, W) or (D,).
+        solver: a name of `evodiff_pl.solvers.SOLVERS`.
+        sigmas: float64 decreasing grid from sigma_max to sigma_min; x_T = sigmas[0] * noise.
+        seed: base seed.
+        batch_size: samples per denoiser call; does not change any sample.
+        num_classes: > 0 draws one class label per sample (from its own generator) and passes it to D.
+        device: where to run; default the CPU.
+        dtype: dtype of the state x (float32 for networks, float64 for exact testbeds).
+        progress: show a tqdm bar with images/s.
+        **solver_options: passed to the solver (e.g. lower_order_final, denoise_to_zero).
+    """
+    indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    sigma_max = float(sigmas[0])
+    out = []
+    with torch.no_grad(), tqdm(total=len(indices), unit="img", disable=not progress, desc=solver) as bar:
+        for chunk in indices.split(batch_size) if len(indices) else ():
+            noise, labels = initial_noise(chunk, shape, seed, num_classes)
+            x = noise.to(device=device, dtype=dtype) * sigma_max
+            fn = denoiser if labels is None else _with_labels(denoiser, labels.to(device))
+            out.append(solve(solver, fn, x, sigmas, **solver_options))
+            bar.update(len(chunk))
+    return torch.cat(out) if out else torch.empty(0, *shape, device=device, dtype=dtype)
+
+
+def steps_for_nfe(solver: str, target_nfe: int, **solver_options) -> int:
+    """The number of steps at which `solver` makes exactly `target_nfe` denoiser calls, else ValueError."""
+    if not isinstance(target_nfe, int) or target_nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {target_nfe!r}")
+    counts = {}
+    for n_steps in range(1, target_nfe + 2):
+        try:
+            counts[n_steps] = nfe(solver, n_steps, **solver_options)
+        except ValueError:
+            continue
+        if counts[n_steps] == target_nfe:
+            return n_steps
+    below = max((c for c in counts.values() if c < target_nfe), default=None)
+    above = min((c for c in counts.values() if c > target_nfe), default=None)
+    nearest = " or ".join(str(c) for c in (below, above) if c is not None)
+    raise ValueError(
+        f"solver {solver!r} cannot make exactly {target_nfe} denoiser calls (NFE); nearest valid: {nearest}"
+    )
+
+
+def needs_learned_schedule(schedule: str) -> bool:
+    """Whether schedule `schedule` needs a learned schedule object (`get_sigmas(..., schedule=...)`)."""
+    return "schedule" in inspect.signature(SCHEDULES[schedule]).parameters
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One evaluation setting: a solver on a schedule at a total number of denoiser calls (NFE).
+
+    Validated on construction: unknown solver or schedule, or an NFE the solver cannot make
+    (e.g. odd for heun, 2 per step), raise ValueError.
+    """
+
+    solver: str
+    """A name of `evodiff_pl.solvers.SOLVERS`."""
+    schedule: str
+    """A name of `evodiff_pl.schedules.SCHEDULES`."""
+    nfe: int
+    """Total denoiser calls per sample; the number of steps follows from the solver's `nfe()`."""
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; valid: {', '.join(SOLVERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        steps_for_nfe(self.solver, self.nfe)
+
+    @classmethod
+    def parse(cls, spec: "EvalSpec | str | Mapping") -> "EvalSpec":
+        """From an EvalSpec, a "solver/schedule/nfe" string or a mapping with those keys."""
+        if isinstance(spec, EvalSpec):
+            return spec
+        if isinstance(spec, str):
+            parts = spec.split("/")
+            if len(parts) != 3 or not parts[2].isdigit():
+                raise ValueError(f"expected 'solver/schedule/nfe' (e.g. 'evodiff/rescaled_entropic/10'), got {spec!r}")
+            return cls(parts[0], parts[1], int(parts[2]))
+        return cls(spec["solver"], spec["schedule"], int(spec["nfe"]))
+
+    @property
+    def name(self) -> str:
+        """E.g. evodiff_rescaled_entropic_nfe10."""
+        return f"{self.solver}_{self.schedule}_nfe{self.nfe}"
+
+    @property
+    def n_steps(self) -> int:
+        return steps_for_nfe(self.solver, self.nfe)
+
+    @property
+    def needs_schedule(self) -> bool:
+        return needs_learned_schedule(self.schedule)
+
+    def sigmas(self, sigma_min: float, sigma_max: float, schedule: LearnedSchedule | None = None) -> Tensor:
+        """The n_steps + 1 levels; `schedule` (the learned schedule) is used only by learned schedules."""
+        options = {"schedule": schedule} if self.needs_schedule else {}
+        return get_sigmas(self.schedule, self.n_steps, sigma_min=sigma_min, sigma_max=sigma_max, **options)
+
+
+def save_grid(images_uint8: Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write uint8 images (N, C, H, W) as one PNG grid (nrow images per row, default about sqrt(N))."""
+    if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
+        raise ValueError(f"expected uint8 images (N, C, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrow = nrow or math.ceil(math.sqrt(len(images_uint8)))
+    # k / 255 * 255 + 0.5 truncates back to k in save_image: the PNG holds the uint8 values exactly.
+    save_image(images_uint8.float() / 255, path, nrow=nrow)
+    return path

@@ -1,0 +1,290 @@
+"""Fréchet distances between generated samples and reference data, correct under DDP.
+
+`FrechetScore` wraps torchmetrics' `FrechetInceptionDistance` (float64 running sums of features and
+outer products on every rank, summed once at `compute()`) with a feature extractor chosen by name:
+
+- "inception": the standard FID features (torch-fidelity's InceptionV3 port of the TF graph, 2048-d pool
+  features, TF-style bilinear resize without antialiasing as in EDM's numbers); grey images are repeated
+  to RGB. Offline clusters pass `weights_path` (torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`).
+- "pixels": the flattened uint8 pixel values (as float64) of images, or the raw vectors of vector data
+  (gmm); a cheap, offline distance for tiny images. It is called FD, never FID.
+
+Any nn.Module with an int `num_features` and a forward returning (N, d) works as a custom extractor; it
+receives the samples unconverted (uint8 images or float vectors) and may set `feature_name`.
+
+Reference statistics are cached per (dataset stats_key, extractor, number of real samples). Under
+DDP they live on rank 0 only (zeros elsewhere) since compute() sums every rank's state; every rank
+must call `compute()`. Keep the score out of the LightningModule: its state_dict holds the extractor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+
+from evodiff_pl.data import to_uint8
+
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+
+
+def default_stats_dir() -> Path:
+    """$EVODIFF_STATS if set, else ~/.cache/evodiff-pl/stats."""
+    return Path(os.environ.get("EVODIFF_STATS", "~/.cache/evodiff-pl/stats")).expanduser()
+
+
+def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
+    """Fréchet distance between N(mu1, cov1) and N(mu2, cov2), in float64.
+
+    tr sqrt(cov1 cov2) is the sum of the square roots of the eigenvalues of cov1 @ cov2 (as torchmetrics
+    computes it); they are real and >= 0 for PSD inputs, so round-off imaginary parts are dropped and
+    tiny negative values clamped to 0.
+    """
+    mu1, cov1, mu2, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, cov1, mu2, cov2))
+    eig = torch.linalg.eigvals(cov1 @ cov2).real.clamp(min=0)
+    # Dowson & Landau (1982); Heusel et al. (2017) eq. (6): |mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))
+    return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * eig.sqrt().sum())
+
+
+def count_label(n: int) -> str:
+    """Sample count in a metric name: multiples of 1000 as "10k", anything else in full ("1797", "2500")."""
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def score_name(feature_name: str, num_samples: int) -> str:
+    """E.g. fid_inception_10k, fd_pixels_2k: FID only for Inception features, FD for any other feature."""
+    return f"{'fid' if feature_name == 'inception' else 'fd'}_{feature_name}_{count_label(num_samples)}"
+
+
+class PixelFeatures(nn.Module):
+    """Samples flattened to float64 vectors: pixel values 0..255 of uint8 images, raw values of vectors."""
+
+    feature_name = "pixels"
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.num_features = math.prod(self.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"expected samples of shape {self.shape}, got {tuple(x.shape[1:])}")
+        return x.reshape(x.shape[0], -1).to(torch.float64)
+
+
+class InceptionFeatures(nn.Module):
+    """The 2048-d pool features of FID's InceptionV3 for uint8 (N, 1 or 3, H, W) images, as float64.
+
+    Resizes to 299 with the TF1-compatible bilinear interpolation (no antialiasing: EDM/TF numbers).
+    """
+
+    feature_name = "inception"
+    num_features = 2048
+
+    def __init__(self, weights_path: str | os.PathLike | None = None) -> None:
+        """
+        Args:
+            weights_path: torch-fidelity's InceptionV3 state dict file; None downloads it once into
+                $TORCH_HOME/hub/checkpoints (fails offline). Errors are raised here, not at the first use.
+        """
+        super().__init__()
+        if weights_path is not None and not Path(weights_path).expanduser().is_file():
+            raise FileNotFoundError(
+                f"Inception weights file {weights_path} does not exist; pass weights_path= the local copy of "
+                f"{INCEPTION_URL.rsplit('/', 1)[1]} (download it from {INCEPTION_URL})"
+            )
+        path = None if weights_path is None else str(Path(weights_path).expanduser())
+        try:
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path, antialias=False
+            )
+        except Exception as err:  # download (URLError), unpickling and state-dict errors all mean the same here
+            where = f"from {path}" if path else f"from {INCEPTION_URL} (no weights_path given)"
+            raise RuntimeError(
+                f"could not load the Inception weights {where}: {type(err).__name__}: {err}. On offline machines "
+                f"download {INCEPTION_URL} elsewhere and pass weights_path=/path/to/it (or use feature='pixels')"
+            ) from err
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        if len(x) == 0:
+            return torch.zeros(0, self.num_features, dtype=torch.float64, device=x.device)
+        return self.net(x.expand(-1, 3, -1, -1)).to(torch.float64)
+
+
+def build_extractor(
+    feature: str, shape: tuple[int, ...] | None = None, weights_path: str | os.PathLike | None = None
+) -> nn.Module:
+    """The extractor named `feature` ("pixels" needs the sample shape, "inception" takes weights_path)."""
+    if feature == "pixels":
+        if shape is None:
+            raise ValueError("feature='pixels' needs the sample shape")
+        return PixelFeatures(shape)
+    if feature == "inception":
+        return InceptionFeatures(weights_path)
+    raise ValueError(f"unknown feature {feature!r}; valid: pixels, inception (or pass an nn.Module)")
+
+
+def _fingerprint(extractor: nn.Module) -> str:
+    """Short hash of an extractor's class, width and state (so that different weights never share a cache)."""
+    h = hashlib.sha1(f"{type(extractor).__qualname__}:{extractor.num_features}".encode())
+    for key, value in extractor.state_dict().items():
+        h.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
+def _all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None) -> list[Tensor]:
+    """torchmetrics `dist_sync_fn` for sum-reduced states: one all_reduce, not an all_gather of world_size copies."""
+    out = x.clone()
+    dist.all_reduce(out, group=group)
+    return [out]
+
+
+class RealData(Protocol):
+    """What the reference statistics are computed from (the datamodules of `evodiff_pl.data`)."""
+
+    def stats_key(self) -> str: ...
+
+    def real_images(self, max_n: int | None = None) -> Tensor: ...
+
+
+class FrechetScore:
+    """Fréchet distance of generated samples to reference data, float64 sums on every rank, reduced once.
+
+    Use: `prepare_real(datamodule, rank=...)` once, then per evaluation `reset()`, `update(samples)` on
+    every rank with its share, `compute()` on every rank.
+    """
+
+    def __init__(
+        self,
+        feature: str | nn.Module = "pixels",
+        *,
+        num_samples: int,
+        shape: tuple[int, ...] | None = None,
+        weights_path: str | os.PathLike | None = None,
+        stats_dir: str | os.PathLike | None = None,
+        num_real: int | None = None,
+        batch_size: int = 250,
+    ) -> None:
+        """
+        Args:
+            feature: "pixels", "inception" or an extractor module (see the module docstring).
+            num_samples: generated samples per evaluation; only names the score (`name`).
+            shape: shape of one sample; needed by "pixels".
+            weights_path: local InceptionV3 weights for "inception" (see `InceptionFeatures`).
+            stats_dir: cache of reference statistics; default `default_stats_dir()`.
+            num_real: reference samples used (the first num_real of `real_images`); None = all of them.
+            batch_size: reference samples per extractor call when computing the reference statistics.
+        """
+        extractor = feature if isinstance(feature, nn.Module) else build_extractor(feature, shape, weights_path)
+        if not isinstance(getattr(extractor, "num_features", None), int):
+            raise TypeError("a custom feature extractor needs an int attribute num_features")
+        if num_samples < 2 or (num_real is not None and num_real < 2):
+            raise ValueError(f"need num_samples >= 2 and num_real >= 2 (or None), got {num_samples}, {num_real}")
+        self.feature_name = getattr(extractor, "feature_name", type(extractor).__name__.lower())
+        self.num_samples = num_samples
+        self.num_real = num_real
+        self.batch_size = batch_size
+        self.stats_dir = Path(stats_dir).expanduser() if stats_dir is not None else default_stats_dir()
+        self.metric = FrechetInceptionDistance(
+            feature=extractor, reset_real_features=False, normalize=False, dist_sync_fn=_all_reduce_sum
+        )
+
+    @property
+    def name(self) -> str:
+        """The logged name, e.g. fd_pixels_2k or fid_inception_50k."""
+        return score_name(self.feature_name, self.num_samples)
+
+    @property
+    def device(self) -> torch.device:
+        return self.metric.device
+
+    def to(self, device: torch.device | str) -> "FrechetScore":
+        self.metric.to(device)
+        return self
+
+    def cache_path(self, stats_key: str) -> Path:
+        """<stats_dir>/<stats_key>-<feature>-<extractor hash>-n<num_real or all>.pt."""
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stats_key)
+        n = "all" if self.num_real is None else str(self.num_real)
+        return self.stats_dir / f"{safe}-{self.feature_name}-{_fingerprint(self.metric.inception)}-n{n}.pt"
+
+    def _features_state(self) -> dict[str, Tensor]:
+        m = self.metric
+        return {
+            "sum": m.real_features_sum.detach().cpu(),
+            "outer_sum": m.real_features_cov_sum.detach().cpu(),
+            "count": m.real_features_num_samples.detach().cpu(),
+        }
+
+    def _set_real(self, stats: dict[str, Tensor] | None) -> None:
+        m, d, dev = self.metric, self.metric.inception.num_features, self.device
+        if stats is None:
+            stats = {"sum": torch.zeros(d), "outer_sum": torch.zeros(d, d), "count": torch.tensor(0)}
+        elif stats["sum"].shape != (d,) or stats["outer_sum"].shape != (d, d):
+            raise ValueError(f"cached statistics have {tuple(stats['sum'].shape)} features, the extractor {d}")
+        m.real_features_sum = stats["sum"].to(dev, torch.float64)
+        m.real_features_cov_sum = stats["outer_sum"].to(dev, torch.float64)
+        m.real_features_num_samples = stats["count"].to(dev, torch.int64)
+
+    def _extract_real(self, real: Tensor) -> dict[str, Tensor]:
+        self._set_real(None)
+        for batch in real.split(self.batch_size):
+            self.metric.update(batch.to(self.device), real=True)
+        return self._features_state()
+
+    def prepare_real(self, data: RealData, *, rank: int = 0) -> Path:
+        """Load (or compute and cache) the reference statistics into the metric on rank 0; zeros elsewhere.
+
+        Rank 0 writes the cache atomically (temporary file + os.replace). Returns the cache path.
+        """
+        path = self.cache_path(data.stats_key())
+        if rank != 0:
+            self._set_real(None)
+            return path
+        if path.is_file():
+            self.load_real(path)
+            return path
+        stats = self._extract_real(data.real_images(max_n=self.num_real))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save({**stats, "stats_key": data.stats_key(), "feature": self.feature_name}, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_real(self, path: str | os.PathLike, *, rank: int = 0) -> None:
+        """Load reference statistics from a file written by `prepare_real` into the metric on rank 0; zeros elsewhere."""
+        self._set_real(torch.load(path, map_location="cpu", weights_only=True) if rank == 0 else None)
+
+    def reset(self) -> None:
+        """Forget the generated samples (the reference statistics stay)."""
+        self.metric.reset()
+
+    def update(self, samples: Tensor) -> None:
+        """Add generated samples: images (N, C, H, W) in [-1, 1] are quantised with `to_uint8`, vectors stay float.
+
+        An empty batch is allowed (a rank without samples still has to call `compute()`).
+        """
+        x = to_uint8(samples) if samples.ndim == 4 and samples.is_floating_point() else samples
+        self.metric.update(x.to(self.device), real=False)
+
+    def compute(self) -> float:
+        """The distance over every rank's samples; call it on every rank (it synchronises)."""
+        try:
+            return float(self.metric.compute())
+        finally:
+            # A failing compute leaves torchmetrics' state synced (summed over ranks): restore the local state.
+            if self.metric._is_synced:
+                self.metric.unsync()
