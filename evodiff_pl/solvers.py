@@ -233,6 +233,7 @@ def evodiff(
     d_pre = _denoise(denoiser, x, s[0])
     x = _phi(x, d_pre, q[1])
     d_cur = _denoise(denoiser, x, s[1])
+    rho_1 = _proj(d_cur, d_pre)
     if callback is not None:
         callback(1, s[1], x)
 
@@ -245,7 +246,7 @@ def evodiff(
         # SPEC §2: b = sqrt((sigma_i/sigma_{i-1}) / (sigma_{i-1}/sigma_{i-2}))
         b = math.sqrt(q[i] / q[i - 1])
         # SPEC §2: beta_1 = (1 - w) b + w proj(D_{i-1}, D_{i-2}), Delta_1 = D_{i-1} - beta_1 D_{i-2}
-        beta_1 = (1.0 - w) * b + w * _proj(d_cur, d_pre)
+        beta_1 = (1.0 - w) * b + w * rho_1
         delta_1 = d_cur - beta_1 * d_pre
         # SPEC §2: r~ = clip(sig(|beta_1|/4) r, r/4, 3r/2)
         r_tilde = (torch.sigmoid(0.25 * beta_1.abs()) * r).clamp(0.25 * r, 1.5 * r)
@@ -253,7 +254,8 @@ def evodiff(
         # SPEC §2: probe x~_i = Phi_i(x_{i-1}) + (1 - e^{-h})/2 Delta_1 / r~
         d_new = _denoise(denoiser, x_euler + half_step * delta_1 / r_tilde, s[i])
         # SPEC §2: beta_2 = (1 - w) b + w proj(D_i, D_{i-1}), Delta_2 = D_i - beta_2 D_{i-1}
-        delta_2 = d_new - ((1.0 - w) * b + w * _proj(d_new, d_cur)) * d_cur
+        rho_2 = _proj(d_new, d_cur)
+        delta_2 = d_new - ((1.0 - w) * b + w * rho_2) * d_cur
         # SPEC §2: B_pre = Delta_1 / (r H), B_next = r Delta_2 / H
         b_pre = delta_1 / (r * big_h)
         b_next = (r / big_h) * delta_2
@@ -273,7 +275,7 @@ def evodiff(
             zeta = torch.sigmoid(-zeta_shift * c)
         # SPEC §2: x_i = Phi_i(x_{i-1}) + (1 - e^{-h})/2 B_theta / zeta; D_i stays the probe's
         x = x_euler + half_step * b_theta / zeta
-        d_pre, d_cur = d_cur, d_new
+        d_pre, d_cur, rho_1 = d_cur, d_new, rho_2
         if callback is not None:
             callback(i, s[i], x)
 
