@@ -79,7 +79,7 @@ class PixelFeatures(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"expected samples of shape {self.shape}, got {tuple(x.shape[1:])}")
-        return x.reshape(x.shape[0], -1).to(torch.float64)
+        return x.reshape(x.shape[0], self.num_features).to(torch.float64)
 
 
 class InceptionFeatures(nn.Module):
