@@ -67,7 +67,7 @@ def default_data_root() -> Path:
     return Path(os.environ.get("EVODIFF_DATA", "~/.cache/evodiff-pl/data")).expanduser()
 
 
-def _derive_seed(*keys: int) -> int:
+def derive_seed(*keys: int) -> int:
     """A 63-bit seed mixing `keys` (SeedSequence), so that nearby key tuples give unrelated streams."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -88,7 +88,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_derive_seed(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
@@ -112,7 +112,7 @@ class InfiniteSampler(Sampler[int]):
         while True:
             e, i = divmod(pos, self.n)
             if e != epoch:
-                g = torch.Generator().manual_seed(_derive_seed(self.seed, e))
+                g = torch.Generator().manual_seed(derive_seed(self.seed, e))
                 epoch, perm = e, torch.randperm(self.n, generator=g).tolist()
             yield perm[i]
             pos += self.world_size
@@ -508,7 +508,7 @@ class GMMDataModule(DiffusionDataModule):
         self.shape = (dim,)
 
     def _load(self) -> Dataset:
-        g = torch.Generator().manual_seed(_derive_seed(self.mixture_seed))
+        g = torch.Generator().manual_seed(derive_seed(self.mixture_seed))
         x, k = self.mixture.sample(self.num_train, generator=g, return_labels=True)
         return TensorDataset(x.to(torch.float32), k.to(torch.int64))
 

@@ -1,0 +1,171 @@
+"""Experiment logging: W&B (or CSV) logger set-up, and the learned-schedule artifacts (schedule.json, plots).
+
+W&B mode `auto` is online when an API key is configured (WANDB_API_KEY, or a ~/.netrc entry for the
+W&B host) and offline otherwise; an explicit `online` without a key falls back to offline with a
+warning, so a missing login never stops a run. WANDB_MODE in the environment wins over `auto`. The W&B
+run id is kept in `<run.dir>/wandb_run_id`, so a resumed run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.figure import Figure
+
+from evodiff_pl.checkpointing import atomic_write_text, write_schedule
+from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss, edm_loss_weight
+from evodiff_pl.schedules import karras
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+def wandb_api_key_configured() -> bool:
+    """True if WANDB_API_KEY is set or ~/.netrc (or $NETRC) has an entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """online | offline | disabled for a configured mode (auto | online | offline | disabled)."""
+    if mode == "auto":
+        env = os.environ.get("WANDB_MODE")
+        if env:
+            return {"dryrun": "offline", "run": "online"}.get(env, env)
+        return "online" if wandb_api_key_configured() else "offline"
+    if mode == "online" and not wandb_api_key_configured():
+        rank_zero_warn("logger.mode=online but no W&B API key is configured (WANDB_API_KEY or ~/.netrc): "
+                       "logging offline instead; upload later with `wandb sync`")
+        return "offline"
+    return mode
+
+
+def wandb_run_id(run_dir: Path, write: bool) -> str:
+    """The W&B run id stored in the run directory, created (and written if `write`) on first use."""
+    path = run_dir / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(6)
+    if write:
+        atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
+def _wandb(cfg: Any, run_dir: Path, name: str, is_rank_zero: bool) -> Logger:
+    mode = resolve_wandb_mode(cfg.mode)
+    return WandbLogger(name=name, save_dir=str(run_dir), project=cfg.project, entity=cfg.entity,
+                       id=wandb_run_id(run_dir, write=is_rank_zero and mode != "disabled"), mode=mode)
+
+
+def _csv(cfg: Any, run_dir: Path, name: str, is_rank_zero: bool) -> Logger:
+    return CSVLogger(save_dir=str(run_dir), name="csv")
+
+
+LOGGERS: dict[str, Callable[[Any, Path, str, bool], Logger | None]] = {
+    "wandb": _wandb,
+    "csv": _csv,
+    "none": lambda cfg, run_dir, name, is_rank_zero: None,
+}
+
+
+def build_logger(cfg: Any, run_dir: Path, name: str, is_rank_zero: bool) -> Logger | None:
+    """The logger of `logger.kind` (a LoggerConfig-like object) writing under `run_dir`."""
+    return LOGGERS[cfg.kind](cfg, run_dir, name, is_rank_zero)
+
+
+def finish_wandb(exit_code: int) -> None:
+    """End this process's W&B run, if any (marks it failed for exit_code != 0; a later run starts its own)."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def plot_loss_curve(tracker: SigmaBinnedLoss) -> Figure:
+    """Binned training loss q = λ(σ)·MSE and the x0-space MSE m = q/λ against σ (log-log)."""
+    sigma = tracker.bin_centers()
+    q = tracker.mean_q()
+    counts = tracker.counts()
+    fig = Figure(figsize=(6, 5.5))
+    ax_q, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    ax_q.loglog(sigma, q, "o-", ms=3, label="q = λ(σ)·MSE (loss)")
+    # m = q / λ(σ)  (SPEC §3)
+    ax_q.loglog(sigma, q / edm_loss_weight(sigma, tracker.sigma_data), "s-", ms=3, label="MSE in x0 space")
+    ax_q.set_ylabel("per-dimension error")
+    ax_q.legend()
+    ax_q.grid(True, which="both", alpha=0.3)
+    ax_n.semilogx(sigma, counts, ".-")
+    ax_n.set_xlabel("σ")
+    ax_n.set_ylabel("samples / bin")
+    ax_n.grid(True, alpha=0.3)
+    ax_q.set_title(f"training loss per noise level ({tracker.steps} steps)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_schedule(schedule: EntropicSchedule, sigma_min: float, sigma_max: float, nfe: int) -> Figure:
+    """σ against the learned (rescaled) entropic time τ, with the `nfe`-step grid marked; Karras ρ=7 for reference."""
+    tau = [1 - j / 256 for j in range(257)]
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    ax.semilogy(tau, schedule.sigmas(256, sigma_min, sigma_max), "-", label=schedule.kind)
+    steps = schedule.sigmas(nfe, sigma_min, sigma_max)
+    ax.semilogy([1 - j / nfe for j in range(nfe + 1)], steps, "o", label=f"{nfe} steps")
+    ax.semilogy(tau, karras(256, sigma_min, sigma_max), "--", alpha=0.6, label="karras ρ=7 (same step index)")
+    ax.set_xlabel(f"{schedule.kind.replace('_', ' ')} time τ")
+    ax.set_ylabel("σ")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    shown = ", ".join(f"{s:.3g}" for s in steps.tolist())
+    ax.set_title(f"learned schedule, {nfe} steps:\n{shown}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+class ScheduleArtifacts(L.Callback):
+    """After each schedule rebuild (rank 0): write `schedule.json` atomically, save the loss-per-σ and schedule
+    plots as PNG in `<run_dir>/plots/`, and send them to W&B."""
+
+    def __init__(self, run_dir: str | Path, plot_nfe: int = 10) -> None:
+        self.run_dir = Path(run_dir)
+        self.plot_nfe = plot_nfe
+        self._written = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        version = pl_module.schedule_version
+        if version == self._written or pl_module.entropic_schedule is None:
+            return
+        self._written = version
+        if trainer.is_global_zero:
+            self.write(trainer, pl_module)
+
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        schedule = pl_module.entropic_schedule
+        write_schedule(schedule, self.run_dir / "schedule.json")
+        plots = self.run_dir / "plots"
+        plots.mkdir(parents=True, exist_ok=True)
+        figures = {
+            "entropic/loss_per_sigma": plot_loss_curve(pl_module.tracker),
+            "entropic/schedule": plot_schedule(schedule, pl_module.sigma_min, pl_module.sigma_max, self.plot_nfe),
+        }
+        for key, fig in figures.items():
+            fig.savefig(plots / f"{key.split('/')[-1]}.png", dpi=100)
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb_loggers:
+            import wandb
+
+            images = {key: wandb.Image(fig) for key, fig in figures.items()}
+            for logger in wandb_loggers:
+                logger.experiment.log({**images, "trainer/global_step": trainer.global_step})

@@ -1,0 +1,314 @@
+"""The EDM training LightningModule, with the per-noise-level loss tracker and the learned entropic schedule.
+
+Same answer on 1 or N processes: every rank draws the sigmas and noise of the whole global batch from a
+generator seeded by (run seed, batch index) and keeps the slice `[rank::world_size]`, which matches the
+samples the rank holds (`evodiff_pl.data.InfiniteSampler` deals global position k*W + r of a batch to
+rank r). The loss is the mean over the rank's samples and DDP averages the gradients, i.e. the mean over
+the global batch. Learning-rate warm-up and the EMA half-life are counted in images seen (`images_seen`,
+every consumed batch included, so they stay aligned with the data stream and the noise seeds).
+
+Manual optimization: a step whose loss (any rank) or all-reduced gradient is not finite is skipped on
+every rank alike (no optimizer, EMA or tracker update) and reported with the step and the batch's
+sigmas; more than `max_nonfinite_steps` in a row writes a checkpoint and raises `NonFiniteTrainingError`.
+With 16-mixed precision, gradient overflow is the GradScaler's business (it skips the step and lowers
+the scale); such a step updates neither EMA nor tracker and is not counted as a failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from evodiff_pl.checkpointing import CHECKPOINT_KEY, FORMAT, VERSION
+from evodiff_pl.data import derive_seed
+from evodiff_pl.ema import ema_beta, update_ema
+from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss
+from evodiff_pl.precond import EDMLoss, EDMPrecond
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive training steps had a non-finite loss or gradient."""
+
+
+def lr_at(images_seen: int, lr: float, rampup_images: int) -> float:
+    """Learning rate after `images_seen` images."""
+    # EDM training_loop.py: lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+    return lr * min(images_seen / max(rampup_images, 1e-8), 1.0)
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), NumPy and Python RNG states as tensors and plain containers (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+class EDMModule(L.LightningModule):
+    """EDM training of `net` (an EDMPrecond) with an EMA copy, the σ-binned loss tracker and its entropic schedule.
+
+    Attributes read by the evaluation callback and `sample.py`: `ema`, `entropic_schedule`, `sample_shape`,
+    `num_classes`, `sigma_min`, `sigma_max`, `images_seen`.
+    """
+
+    def __init__(
+        self,
+        net: EDMPrecond,
+        loss: EDMLoss,
+        *,
+        sample_shape: Sequence[int],
+        num_classes: int,
+        global_batch: int,
+        seed: int,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        lr_rampup_images: int = 10_000_000,
+        ema_halflife_images: float = 500_000,
+        ema_rampup_ratio: float | None = 0.05,
+        tracker_bins: int = 64,
+        tracker_ema_decay: float | None = None,
+        schedule_kind: str = "rescaled_entropic",
+        schedule_every: int = 100,
+        max_nonfinite_steps: int = 10,
+        nan_loss_steps: Sequence[int] = (),
+        checkpoint_dir: str | Path | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            net: the preconditioned denoiser D(x, σ, labels) being trained.
+            loss: the EDM loss (σ distribution and λ(σ)).
+            sample_shape: shape of one sample, e.g. (C, H, W) or (D,).
+            num_classes: 0 for unconditional training, else labels are fed to the network.
+            global_batch: samples per optimizer step over all processes.
+            seed: run seed; the σ and noise of batch i come from derive_seed(seed, i).
+            sigma_min, sigma_max: the noise range of the tracker bins and of sampling.
+            lr, betas, eps: Adam.
+            lr_rampup_images: linear learning-rate warm-up, in images.
+            ema_halflife_images, ema_rampup_ratio: EDM's EMA schedule, in images.
+            tracker_bins, tracker_ema_decay: the σ-binned loss tracker.
+            schedule_kind: "rescaled_entropic" or "entropic".
+            schedule_every: rebuild the schedule every this many batches (and at the end of training).
+            max_nonfinite_steps: consecutive skipped steps tolerated before stopping.
+            nan_loss_steps: testing aid: batches whose loss is replaced by NaN.
+            checkpoint_dir: where the checkpoint written before a non-finite stop goes.
+            meta: stored verbatim in every checkpoint (resolved config, network and data description).
+        """
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = net
+        self.ema = copy.deepcopy(net).requires_grad_(False).eval()
+        self.loss_fn = loss
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.num_classes = int(num_classes)
+        self.global_batch = int(global_batch)
+        self.seed = int(seed)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.adam = {"lr": float(lr), "betas": tuple(float(b) for b in betas), "eps": float(eps)}
+        self.lr_rampup_images = lr_rampup_images
+        self.ema_halflife_images = ema_halflife_images
+        self.ema_rampup_ratio = ema_rampup_ratio
+        self.tracker = SigmaBinnedLoss(sigma_min, sigma_max, n_bins=tracker_bins, ema_decay=tracker_ema_decay,
+                                       sigma_data=net.sigma_data)
+        self.schedule_kind = schedule_kind
+        self.schedule_every = schedule_every
+        self.entropic_schedule: EntropicSchedule | None = None
+        self.schedule_version = 0
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nan_loss_steps = frozenset(nan_loss_steps)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.meta = dict(meta or {})
+        self.images_seen = 0
+        self.batches_seen = 0
+        self.nonfinite_streak = 0
+        self._last_step_time: float | None = None
+        self._img_per_s: float | None = None
+
+    def train(self, mode: bool = True) -> "EDMModule":
+        """Lightning toggles train/eval on the whole module; the EMA copy always stays in eval mode."""
+        super().train(mode)
+        self.ema.eval()
+        return self
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.net.parameters(), **self.adam)
+
+    def _world(self) -> tuple[int, int]:
+        return (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+
+    def draw_noise(self, batch_index: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(σ, noise) of the whole global batch `batch_index`, identical on every rank; rank r uses [r::world]."""
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, batch_index))
+        sigma = self.loss_fn.sample_sigma(self.global_batch, device=self.device, generator=g)
+        noise = torch.randn((self.global_batch, *self.sample_shape), generator=g, device=self.device, dtype=dtype)
+        return sigma, noise
+
+    def _all_reduce_sum(self, t: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="sum")
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, labels = batch
+        opt = self.optimizers()
+        rank, world = self._world()
+        if x0.shape[0] * world != self.global_batch:
+            raise ValueError(f"got {x0.shape[0]} samples per process x {world} processes, expected the global batch "
+                             f"{self.global_batch}: train with the datamodule built by evodiff_pl.training")
+        batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
+        sigma, noise = batch_sigmas[rank::world], batch_noise[rank::world]
+        out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
+        per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
+        # The batch's loss is the mean over the global batch: DDP averages the per-rank means (equal batches).
+        self.manual_backward(per_sample.mean())
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+        local = torch.stack([per_sample.detach().sum().double(), (~per_sample.detach().isfinite()).sum().double()])
+        loss_sum, n_bad, grad_norm = torch.cat([self._all_reduce_sum(local), grad_norm.double().reshape(1)]).tolist()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        skip = n_bad > 0 or not math.isfinite(loss_sum) or (scaler is None and not math.isfinite(grad_norm))
+        lr = lr_at(self.images_seen, self.adam["lr"], self.lr_rampup_images)
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        if not skip:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if not skip and (scaler is None or scaler.get_scale() >= scale):
+            beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
+            update_ema(self.ema, self.net, beta)
+            self.tracker.update(out.sigma, out.mse, out.weight)
+            self.nonfinite_streak = 0
+        self.images_seen += self.global_batch
+        self.batches_seen += 1
+        if skip:
+            self._skip(batch_sigmas, n_bad, loss_sum, grad_norm)
+        else:
+            self._log_step(loss_sum / self.global_batch, lr, grad_norm / scale)
+        final = self.global_step >= self.trainer.max_steps
+        if final or self.batches_seen % self.schedule_every == 0:
+            self.rebuild_schedule()
+        if final:
+            self.trainer.should_stop = True  # Lightning then also validates (runs the evaluation callback) now
+
+    def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            rate = self.global_batch / max(now - self._last_step_time, 1e-9)
+            self._img_per_s = rate if self._img_per_s is None else 0.9 * self._img_per_s + 0.1 * rate
+        self._last_step_time = now
+        metrics = {"train/lr": lr, "train/grad_norm": grad_norm, "train/images_seen": float(self.images_seen)}
+        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        shown = {"train/loss": loss} if self._img_per_s is None else {"train/loss": loss, "train/img_per_s": self._img_per_s}
+        self.log_dict(shown, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _skip(self, batch_sigmas: Tensor, n_bad: float, loss_sum: float, grad_norm: float) -> None:
+        self.nonfinite_streak += 1
+        shown = ", ".join(f"{s:.4g}" for s in batch_sigmas.tolist()[:32])
+        more = f", ... ({self.global_batch} in all)" if self.global_batch > 32 else ""
+        rank_zero_warn(
+            f"step {self.global_step} (batch {self.batches_seen - 1}): non-finite training step skipped "
+            f"({int(n_bad)} non-finite per-sample losses, loss sum {loss_sum:.4g}, gradient norm {grad_norm:.4g}); "
+            f"no optimizer, EMA or tracker update ({self.nonfinite_streak} in a row). Sigmas of the batch: "
+            f"[{shown}{more}]"
+        )
+        if self.nonfinite_streak > self.max_nonfinite_steps:
+            path = None
+            if self.checkpoint_dir is not None:
+                path = self.checkpoint_dir / f"nonfinite-step{self.global_step}.ckpt"
+                self.trainer.save_checkpoint(path, weights_only=False)
+            raise NonFiniteTrainingError(
+                f"{self.nonfinite_streak} consecutive training steps had a non-finite loss or gradient "
+                f"(more than train.max_nonfinite_steps={self.max_nonfinite_steps}), at step {self.global_step} "
+                f"(batch {self.batches_seen - 1}); the weights are those of the last finite step"
+                + (f" and were saved to {path}" if path else "")
+                + ". Lower optim.lr, use trainer.precision=32-true, or check the data."
+            )
+
+    def rebuild_schedule(self) -> None:
+        """Sync the tracker over ranks and rebuild the entropic schedule from it (call on every rank)."""
+        self.tracker.sync()
+        try:
+            self.entropic_schedule = EntropicSchedule.from_loss_stats(
+                self.tracker, kind=self.schedule_kind, dim=math.prod(self.sample_shape),
+                source={"images_seen": self.images_seen, "step": self.global_step},
+            )
+        except ValueError as err:
+            rank_zero_info(f"entropic schedule not rebuilt at batch {self.batches_seen}: {err}")
+            return
+        self.schedule_version += 1
+
+    @torch.no_grad()
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """EMA loss on a fixed batch with fixed noise (a cheap, smooth progress signal)."""
+        x0, labels = batch
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, 2**62 + batch_idx))
+        sigma = self.loss_fn.sample_sigma(x0.shape[0], device=self.device, generator=g)
+        noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
+        out = self.loss_fn(self.ema, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
+        self.log("val/loss_ema", out.loss.mean(), on_step=False, on_epoch=True, sync_dist=True)
+
+    def _gather_rng_states(self) -> list[dict[str, Any]]:
+        state = _rng_state()
+        if not (dist.is_available() and dist.is_initialized()):
+            return [state]
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add the training state that Lightning does not keep (called on every rank, written by rank 0)."""
+        self.tracker.sync()
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": FORMAT,
+            "version": VERSION,
+            **self.meta,
+            "images_seen": self.images_seen,
+            "batches_seen": self.batches_seen,
+            "global_step": self.global_step,
+            "nonfinite_streak": self.nonfinite_streak,
+            "tracker": self.tracker.state_dict(),
+            "schedule": self.entropic_schedule.to_dict() if self.entropic_schedule is not None else None,
+            "schedule_version": self.schedule_version,
+            "rng": self._gather_rng_states(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint[CHECKPOINT_KEY]
+        self.images_seen = int(state["images_seen"])
+        self.batches_seen = int(state["batches_seen"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.tracker.load_state_dict(state["tracker"])
+        schedule = state["schedule"]
+        self.entropic_schedule = EntropicSchedule.from_dict(schedule) if schedule is not None else None
+        self.schedule_version = int(state["schedule_version"])
+        rank, world = self._world()
+        rng = state["rng"]
+        if len(rng) != world:
+            rank_zero_warn(f"the checkpoint holds the RNG states of {len(rng)} processes, this run has {world}: "
+                           "dropout noise will differ from an uninterrupted run")
+        _set_rng_state(rng[rank % len(rng)])

@@ -1,0 +1,187 @@
+"""Build a training run from a validated config and fit it: the body of `train.py`.
+
+Run directory layout (`run.dir`): `config.yaml` (the resolved config of the latest launch),
+`checkpoints/last.ckpt` (+ `step-N.ckpt` copies, SLURM `hpc_ckpt_N.ckpt`), `schedule.json` (the
+learned schedule), `plots/` (loss per σ, schedule), `grids/` (samples), `wandb/` or `csv/` logs,
+`wandb_run_id`. Resume = run the same command again (`run.resume=auto`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, OmegaConf
+
+from evodiff_pl.checkpointing import (
+    CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, PeriodicCheckpoint, atomic_write_text, read_checkpoint,
+    resume_checkpoint,
+)
+from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict
+from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, build_datamodule
+from evodiff_pl.evaluation import SampleQualityCallback
+from evodiff_pl.loggers import ScheduleArtifacts, build_logger, finish_wandb
+from evodiff_pl.module import EDMModule, NonFiniteTrainingError
+from evodiff_pl.networks import NETWORKS, build_network
+from evodiff_pl.precond import EDMLoss, EDMPrecond
+
+T = TypeVar("T")
+
+USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, NonFiniteTrainingError)
+"""Errors reported as one message (no traceback) by `main`."""
+
+
+@dataclass
+class TrainingRun:
+    """Everything `fit` needs."""
+
+    trainer: L.Trainer
+    module: EDMModule
+    datamodule: DiffusionDataModule
+    ckpt_path: Path | None
+    """Checkpoint to resume from (None: fresh start)."""
+    run_dir: Path
+
+
+def construct(section: str, factory: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`factory(*args, **kwargs)`, with a ValueError or TypeError reported as a ConfigError of `section`."""
+    try:
+        return factory(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{section}: {err}") from err
+
+
+def network_kwargs(name: str, net: dict[str, Any], shape: Sequence[int], num_classes: int) -> dict[str, Any]:
+    """The backbone's kwargs: the configured ones plus the shape and label arguments it takes, from the data."""
+    derived = {"img_resolution": shape[-1], "in_channels": shape[0], "out_channels": shape[0],
+               "dim": math.prod(shape), "label_dim": num_classes}
+    params = signature_params(NETWORKS[name])
+    kwargs = dict(net)
+    for key, value in derived.items():
+        if key not in params:
+            continue
+        if key in kwargs and kwargs[key] != value:
+            raise ConfigError(f"model.net.{key}={kwargs[key]!r} does not match the data ({key}={value!r}); "
+                              "leave it out, it is set from the data")
+        kwargs[key] = value
+    return kwargs
+
+
+def build_data(cfg: DictConfig) -> DiffusionDataModule:
+    """The datamodule of `cfg.data` (batch_size is global), seeded by run.seed unless data.seed is set."""
+    kwargs = OmegaConf.to_container(cfg.data)
+    name = kwargs.pop("name")
+    kwargs.setdefault("seed", cfg.run.seed)
+    return construct("data", build_datamodule, name, **kwargs)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+    """Checkpoints, schedule artifacts, progress bar and (if enabled) the evaluation callback."""
+    callbacks: list[L.Callback] = [
+        PeriodicCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_every_steps),
+        ScheduleArtifacts(run_dir, plot_nfe=cfg.entropic.plot_nfe),
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(cfg.logger.log_every_steps, 10))))
+    evaluation = OmegaConf.to_container(cfg.evaluation)
+    if evaluation.pop("enabled", True):
+        evaluation.setdefault("out_dir", str(run_dir))
+        callbacks.append(construct("evaluation", SampleQualityCallback, **evaluation))
+    return callbacks
+
+
+def build(cfg: DictConfig) -> TrainingRun:
+    """Model, data, trainer and resume checkpoint for a validated config (writes at most the W&B run id file)."""
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    config = to_dict(cfg)
+    ckpt_path = resume_checkpoint(cfg.run.resume, ckpt_dir, config)
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    datamodule = build_data(cfg)
+    shape, num_classes = tuple(datamodule.shape), datamodule.num_classes
+    net_kwargs = network_kwargs(cfg.model.network, OmegaConf.to_container(cfg.model.net), shape, num_classes)
+    backbone = construct("model.net", build_network, cfg.model.network, **net_kwargs)
+    net = EDMPrecond(backbone, sigma_data=cfg.model.sigma_data)
+    meta = {
+        "config": config,
+        "network": {"name": cfg.model.network, "kwargs": net_kwargs},
+        "sigma_data": cfg.model.sigma_data, "sigma_min": cfg.model.sigma_min, "sigma_max": cfg.model.sigma_max,
+        "sample_shape": list(shape), "num_classes": num_classes,
+        "data": {"name": cfg.data.name, "stats_key": datamodule.stats_key()},
+    }
+    module = EDMModule(
+        net, EDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.model.sigma_data),
+        sample_shape=shape, num_classes=num_classes, global_batch=cfg.data.batch_size, seed=cfg.run.seed,
+        sigma_min=cfg.model.sigma_min, sigma_max=cfg.model.sigma_max,
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, lr_rampup_images=cfg.optim.lr_rampup_images,
+        ema_halflife_images=cfg.ema.halflife_images, ema_rampup_ratio=cfg.ema.rampup_ratio,
+        tracker_bins=cfg.entropic.n_bins, tracker_ema_decay=cfg.entropic.ema_decay,
+        schedule_kind=cfg.entropic.kind, schedule_every=cfg.entropic.update_every_steps,
+        max_nonfinite_steps=cfg.train.max_nonfinite_steps, nan_loss_steps=tuple(cfg.train.nan_loss_steps),
+        checkpoint_dir=ckpt_dir, meta=meta,
+    )
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+    logger = build_logger(cfg.logger, run_dir, cfg.run.name or run_dir.resolve().name, rank_zero_only.rank == 0)
+    t = OmegaConf.to_container(cfg.trainer)
+    trainer = L.Trainer(
+        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
+        precision=t["precision"], max_steps=math.ceil(cfg.train.total_images / cfg.data.batch_size), max_epochs=-1,
+        logger=logger or False, callbacks=build_callbacks(cfg, run_dir), plugins=plugins, default_root_dir=str(ckpt_dir),
+        enable_checkpointing=False, use_distributed_sampler=False, val_check_interval=t["val_every_steps"],
+        check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
+        log_every_n_steps=cfg.logger.log_every_steps, enable_progress_bar=t["progress_bar"],
+    )
+    if cfg.data.batch_size % trainer.world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the "
+                          f"{trainer.world_size} processes (trainer.devices x trainer.num_nodes)")
+    datamodule.stream_from(int(read_checkpoint(ckpt_path)[CHECKPOINT_KEY]["images_seen"]) if ckpt_path else 0)
+    return TrainingRun(trainer, module, datamodule, ckpt_path, run_dir)
+
+
+def run(cfg: DictConfig) -> TrainingRun:
+    """Print and save the config (rank 0), then fit, resuming from the newest checkpoint if any."""
+    training = build(cfg)
+    if rank_zero_only.rank == 0:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        print(text, flush=True)
+        atomic_write_text(training.run_dir / "config.yaml", text)
+        if training.ckpt_path is not None:
+            print(f"resuming from {training.ckpt_path}", flush=True)
+    for logger in training.trainer.loggers:
+        logger.log_hyperparams(to_dict(cfg))
+    exit_code = 1
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the EMA copy, on purpose
+            training.trainer.fit(training.module, datamodule=training.datamodule, ckpt_path=training.ckpt_path,
+                                 weights_only=True)
+        exit_code = 0
+    finally:
+        finish_wandb(exit_code)
+    return training
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python train.py [--config FILE] [key=value ...]`; known errors print one line and return 1."""
+    parser = argparse.ArgumentParser(description="Train an EDM diffusion model with a learned entropic-time schedule.")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.devices=8 data.batch_size=64")
+    args = parser.parse_args(argv)
+    try:
+        run(load_config(args.config, args.overrides))
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,83 @@
+"""Logging and run-directory outputs: W&B modes (offline, disabled, auto), CSV metrics, plots, grids, scores."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from train_utils import DIGITS, GMM, tiny_gmm, train_in_process
+
+from evodiff_pl.entropic import EntropicSchedule
+from evodiff_pl.loggers import RUN_ID_FILE, resolve_wandb_mode
+
+
+@pytest.fixture
+def no_wandb_login(monkeypatch, tmp_path):
+    """No API key anywhere and no WANDB_MODE: nothing may reach the network."""
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+
+
+def test_auto_mode_is_offline_without_key_and_online_with_one(no_wandb_login, monkeypatch, tmp_path):
+    assert resolve_wandb_mode("auto") == "offline"
+    with pytest.warns(UserWarning, match="no W&B API key is configured"):
+        assert resolve_wandb_mode("online") == "offline"
+    (tmp_path / "no-netrc").write_text("machine api.wandb.ai login user password " + "x" * 40 + "\n")
+    assert resolve_wandb_mode("auto") == "online"
+    (tmp_path / "no-netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode("auto") == "disabled" and resolve_wandb_mode("offline") == "offline"
+
+
+def test_wandb_offline_writes_under_run_dir_and_resume_keeps_the_run(no_wandb_login, tmp_path):
+    run_dir = tmp_path / "run"
+    wandb = ("logger.kind=wandb", "logger.mode=offline")
+    train_in_process(GMM, tiny_gmm(run_dir, *wandb, "train.total_images=192"))
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    train_in_process(GMM, tiny_gmm(run_dir, *wandb))
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    assert all(list(r.glob("*.wandb")) for r in runs)
+
+
+def test_wandb_disabled_writes_nothing(no_wandb_login, tmp_path):
+    train_in_process(GMM, tiny_gmm(tmp_path, "logger.kind=wandb", "logger.mode=disabled"))
+    assert not (tmp_path / "wandb").exists() and not (tmp_path / RUN_ID_FILE).exists()
+
+
+def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path):
+    """The default config, shrunk: the evaluation callback scores evodiff and dpmpp_2m at NFE 10."""
+    overrides = [
+        f"run.dir={tmp_path}", "model.net.model_channels=16", "model.net.channel_mult=[1,1]",
+        "data.batch_size=64", "train.total_images=384", "logger.kind=csv", "trainer.progress_bar=false",
+        "entropic.update_every_steps=3", "evaluation.num_samples=64", "evaluation.grid_size=16",
+        f"evaluation.stats_dir={tmp_path / 'stats'}",
+    ]
+    train_in_process(DIGITS, overrides)
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").glob("version_*/metrics.csv")))))
+    names = {k for row in rows for k, v in row.items() if v}
+    for spec in ("evodiff_rescaled_entropic_nfe10", "dpmpp_2m_logsnr_nfe10"):
+        assert f"val/fd_pixels_64/{spec}" in names
+        assert list((tmp_path / "grids").glob(f"{spec}_384.png"))
+    assert {"train/loss", "train/lr", "train/images_seen", "train/img_per_s", "val/loss_ema"} <= names
+    assert (tmp_path / "plots" / "loss_per_sigma.png").is_file() and (tmp_path / "plots" / "schedule.png").is_file()
+    schedule = EntropicSchedule.load(tmp_path / "schedule.json")
+    assert schedule.kind == "rescaled_entropic" and schedule.sigmas(10, 0.002, 80.0).shape == (11,)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert "model_channels: 16" in (tmp_path / "config.yaml").read_text()
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
+    from evodiff_pl.training import main
+
+    missing = tmp_path / "nowhere"
+    assert main(["--config", str(DIGITS), f"run.dir={tmp_path / 'run'}", "data.name=image_folder",
+                 f"data.root={missing}", "logger.kind=none"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: image folder {missing} does not exist")

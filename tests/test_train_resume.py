@@ -1,0 +1,123 @@
+"""Checkpoints: exact resume, discovery of the newest one, refusal of corrupt or mismatched files, sample.py loading."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from train_utils import GMM, load, tiny_gmm, train_in_process
+
+from evodiff_pl.checkpointing import CheckpointError, load_denoiser, newest_checkpoint
+from evodiff_pl.entropic import EntropicSchedule
+
+# Dropout on, so the restored RNG state matters; 6 steps of 64 samples; last.ckpt every 3 steps in both runs
+# (the tracker's float64 sums are grouped by its sync points, which include every checkpoint).
+RESUME = ("model.net.dropout=0.1", "checkpoint.every_steps=3")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted 6-step run and a 3-step run resumed to 6 steps by rerunning the same command."""
+    full = tmp_path_factory.mktemp("full")
+    train_in_process(GMM, tiny_gmm(full, *RESUME))
+    split = tmp_path_factory.mktemp("split")
+    train_in_process(GMM, tiny_gmm(split, *RESUME, "train.total_images=192"))
+    first_half = load(split / "checkpoints" / "last.ckpt")
+    resumed = train_in_process(GMM, tiny_gmm(split, *RESUME))
+    return full, split, first_half, resumed
+
+
+def _assert_equal(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_is_exact(runs):
+    full, split, first_half, resumed = runs
+    assert resumed.ckpt_path == split / "checkpoints" / "last.ckpt"
+    assert first_half["global_step"] == 3
+    a, b = load(full / "checkpoints" / "last.ckpt"), load(split / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 6
+    _assert_equal(a["state_dict"], b["state_dict"], "state_dict")  # net.* and ema.*
+    _assert_equal(a["optimizer_states"], b["optimizer_states"], "optimizer")
+    ea, eb = a["evodiff"], b["evodiff"]
+    for key in ("tracker", "schedule", "images_seen", "batches_seen", "nonfinite_streak", "rng"):
+        _assert_equal(ea[key], eb[key], key)
+    assert ea["images_seen"] == 384 and ea["schedule"] is not None
+    assert not torch.equal(first_half["state_dict"]["net.backbone.inp.weight"], a["state_dict"]["net.backbone.inp.weight"])
+
+
+def test_checkpoint_holds_config_and_loads_for_sampling(runs):
+    full, *_ = runs
+    ckpt = load(full / "checkpoints" / "last.ckpt")
+    meta = ckpt["evodiff"]
+    assert meta["config"]["model"]["net"]["hidden"] == 16 and meta["network"]["kwargs"]["dim"] == 8
+    assert (full / "config.yaml").read_text().count("hidden: 16") == 1
+    loaded = load_denoiser(full)  # a run directory, as sample.py gets it
+    ema = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
+    _assert_equal(loaded.denoiser.state_dict(), ema)
+    assert loaded.schedule.to_dict() == EntropicSchedule.load(full / "schedule.json").to_dict() == meta["schedule"]
+    x = torch.randn(4, 8)
+    assert loaded.denoiser(x, torch.full((4,), 1.0)).shape == (4, 8)
+    raw = load_denoiser(full / "checkpoints" / "last.ckpt", ema=False)
+    assert torch.equal(raw.denoiser.backbone.inp.weight, ckpt["state_dict"]["net.backbone.inp.weight"])
+
+
+def test_newest_of_last_and_hpc_checkpoint(runs, tmp_path):
+    full, split, first_half, _ = runs
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(full / "checkpoints" / "last.ckpt", folder / "last.ckpt")  # step 6
+    torch.save(first_half, folder / "hpc_ckpt_1.ckpt")  # step 3
+    assert newest_checkpoint(folder) == folder / "last.ckpt"
+    newer = dict(first_half, global_step=9)
+    torch.save(newer, folder / "hpc_ckpt_2.ckpt")
+    assert newest_checkpoint(folder) == folder / "hpc_ckpt_2.ckpt"
+
+
+def test_corrupt_checkpoint_stops_and_is_left_untouched(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[0], run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    garbage = b"\x00garbage, not a checkpoint\xff" * 50
+    last.write_bytes(garbage)
+    before = last.stat().st_mtime_ns
+    with pytest.raises(CheckpointError, match=rf"checkpoint {last} is unreadable"):
+        train_in_process(GMM, tiny_gmm(run_dir, *RESUME, "train.total_images=640"))
+    assert last.read_bytes() == garbage and last.stat().st_mtime_ns == before
+
+
+def test_truncated_checkpoint_is_refused(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[0], run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        train_in_process(GMM, tiny_gmm(run_dir, *RESUME))
+    assert len(last.read_bytes()) == len(data) // 2
+
+
+def test_mismatched_checkpoint_names_the_difference(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[0], run_dir)
+    with pytest.raises(CheckpointError, match=r"model\.net\.hidden: checkpoint 16, config 24"):
+        train_in_process(GMM, tiny_gmm(run_dir, *RESUME, "model.net.hidden=24"))
+    with pytest.raises(CheckpointError, match=r"data\.dim: checkpoint 8, config 4"):
+        train_in_process(GMM, tiny_gmm(run_dir, *RESUME, "data.dim=4"))
+
+
+def test_resume_never_refuses_an_existing_run(runs):
+    with pytest.raises(CheckpointError, match="run.resume=never but .*last.ckpt exists"):
+        train_in_process(GMM, tiny_gmm(runs[0], *RESUME, "run.resume=never"))

@@ -1,0 +1,45 @@
+"""Shared helpers of the tests/test_train*.py files: tiny configs and in-process or subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+GMM = ROOT / "configs" / "gmm.yaml"
+DIGITS = ROOT / "configs" / "digits.yaml"
+
+
+def tiny_gmm(run_dir: Path, *overrides: str) -> list[str]:
+    """Overrides of configs/gmm.yaml for a small, fast run (steps of 64 samples, a 2k-parameter MLP, no logger)."""
+    return [
+        f"run.dir={run_dir}", "data.batch_size=64", "data.num_train=1024", "data.dim=8", "data.n_components=2",
+        "model.net.hidden=16", "model.net.depth=1", "model.net.emb_dim=8", "train.total_images=384",
+        "optim.lr_rampup_images=128", "ema.halflife_images=256", "entropic.update_every_steps=2",
+        "checkpoint.every_steps=1000", "logger.kind=none", "evaluation.enabled=false",
+        "trainer.progress_bar=false", "trainer.val_every_steps=1000", *overrides,
+    ]
+
+
+def train_in_process(config: Path, overrides: list[str]):
+    """`run(load_config(...))` in this process (single device only: no DDP inside pytest)."""
+    from evodiff_pl.config import load_config
+    from evodiff_pl.training import run
+
+    return run(load_config(config, overrides))
+
+
+def train_subprocess(config: Path, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train.py --config ... overrides` in a subprocess, from the repository root."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    return subprocess.run([PYTHON, str(ROOT / "train.py"), "--config", str(config), *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

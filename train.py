@@ -1,0 +1,12 @@
+"""Train an EDM diffusion model and learn its entropic-time schedule.
+
+    python train.py                                    # configs/digits.yaml, a few minutes on a CPU
+    python train.py --config configs/cifar10.yaml trainer.devices=8 data.batch_size=512
+
+Rerunning the same command resumes from the newest checkpoint in run.dir.
+"""
+
+from evodiff_pl.training import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
