@@ -204,7 +204,7 @@ class SampleQualityCallback(L.Callback):
         path = out_dir / "grids" / f"{spec.name}_{int(pl_module.images_seen)}.png"
         try:
             x = self._sample(pl_module, spec, sigmas, torch.arange(self.grid_size))
-            save_grid(to_uint8(x), path, nrow=math.ceil(math.sqrt(self.grid_size)))
+            save_grid(to_uint8(x), path, nrow=math.ceil(math.sqrt(self.grid_size)), scale=max(1, 32 // x.shape[-1]))
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(key=f"samples/{spec.name}", images=[str(path)], step=trainer.global_step,

@@ -176,13 +176,17 @@ class EvalSpec:
         return get_sigmas(self.schedule, self.n_steps, sigma_min=sigma_min, sigma_max=sigma_max, **options)
 
 
-def save_grid(images_uint8: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write uint8 images (N, C, H, W) as one PNG grid (nrow images per row, default about sqrt(N))."""
+def save_grid(images_uint8: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Write uint8 images (N, C, H, W) as one PNG grid (nrow images per row, default about sqrt(N)).
+
+    scale: enlarge every pixel to a scale x scale block (nearest neighbour), so tiny images stay legible.
+    """
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
         raise ValueError(f"expected uint8 images (N, C, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or math.ceil(math.sqrt(len(images_uint8)))
+    images_uint8 = images_uint8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     # k / 255 * 255 + 0.5 truncates back to k in save_image: the PNG holds the uint8 values exactly.
     save_image(images_uint8.float() / 255, path, nrow=nrow)
     return path

@@ -148,7 +148,7 @@ def test_images_names_grids_and_skipped_schedules(tmp_path, caplog):
     assert 0 < out["val/fd_pixels_200/heun_karras_nfe16"] < 64 * 255**2
     assert "skipping evodiff_rescaled_entropic_nfe8: no learned schedule yet" in caplog.text
     grid = np.array(Image.open(tmp_path / "grids" / "heun_karras_nfe16_12345.png"))
-    assert grid.shape == (3 * 10 + 2, 3 * 10 + 2, 3)
+    assert grid.shape == (3 * 34 + 2, 3 * 34 + 2, 3)  # 8 px digits drawn at 4x, torchvision padding 2
     assert (tmp_path / "stats").is_dir() and len(os.listdir(tmp_path / "stats")) == 1
 
     cb = SampleQualityCallback(specs, num_samples=200, stats_dir=tmp_path / "stats", grid_size=0)

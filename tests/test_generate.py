@@ -126,11 +126,12 @@ def test_eval_spec():
         EvalSpec.parse("heun-karras-36")
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_save_grid_writes_the_uint8_values(tmp_path, channels):
+@pytest.mark.parametrize("channels,scale", [(1, 1), (3, 1), (1, 2)])
+def test_save_grid_writes_the_uint8_values(tmp_path, channels, scale):
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (5, channels, 4, 6), dtype=torch.uint8, generator=g)
-    path = save_grid(images, tmp_path / "sub" / "grid.png", nrow=3)
+    images = torch.randint(0, 256, (5, channels, 4 // scale, 6 // scale), dtype=torch.uint8, generator=g)
+    path = save_grid(images, tmp_path / "sub" / "grid.png", nrow=3, scale=scale)
+    images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     grid = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
     pad = 2  # torchvision's default padding
     assert grid.shape == (3, 2 * (4 + pad) + pad, 3 * (6 + pad) + pad)
