@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
+from evodiff_pl.checkpointing import atomic_write
+
 NUM_TRAIN = 1347
 """Digits in the training split (the rest, 450, are the test split)."""
 
@@ -114,6 +116,6 @@ def load_or_train(path: str | Path, seed: int = 0, epochs: int = 40) -> tuple[Di
         acc = float(saved["test_accuracy"])
     else:
         net, acc = train_digits_classifier(seed=seed, epochs=epochs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": net.state_dict(), "test_accuracy": acc, "seed": seed, "epochs": epochs}, path)
+        saved = {"state_dict": net.state_dict(), "test_accuracy": acc, "seed": seed, "epochs": epochs}
+        atomic_write(path, lambda f: torch.save(saved, f))
     return DigitsFeatures(net), acc

@@ -196,7 +196,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.setup()
         return self._data
 
-    def _view(self, augment: bool) -> Dataset:
+    def view(self, augment: bool = False) -> Dataset:
         """The dataset as seen by the loaders: float samples, augmented for training if requested."""
         return self.data
 
@@ -229,7 +229,7 @@ class DiffusionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded per epoch), drop_last; Lightning shards it across processes. In streaming mode
         (`stream_from`): the endless global-batch stream, already split over processes."""
-        dataset = self._view(augment=True)
+        dataset = self.view(augment=True)
         if self._stream_start is not None:
             return self._stream(dataset)
         return self._loader(
@@ -242,7 +242,7 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """One un-augmented batch: it only lets Lightning run validation hooks (evaluation is a callback)."""
-        return self._loader(Subset(self._view(augment=False), range(self.batch_size)))
+        return self._loader(Subset(self.view(augment=False), range(self.batch_size)))
 
     def real_images(self, max_n: int | None = None) -> Tensor:
         """The first `max_n` samples (all if None or larger than the dataset) in the fixed order.
@@ -274,7 +274,7 @@ class _ImageDataModule(DiffusionDataModule):
         super().__init__(**kwargs)
         self.hflip = hflip
 
-    def _view(self, augment: bool) -> Dataset:
+    def view(self, augment: bool = False) -> Dataset:
         return _Images(self.data, hflip=self.hflip and augment)
 
 

@@ -510,7 +510,7 @@ def run(job: SamplingJob) -> list[dict[str, str]]:
 def training_samples(data: DiffusionDataModule) -> Callable[[int, torch.Generator], Tensor]:
     """A sampler `draw(n, generator)` of un-augmented training samples (float, images in [-1, 1]) for
     `estimate_mmse`: a random permutation of the dataset, repeated if n exceeds it."""
-    view = data._view(augment=False)
+    view = data.view()
 
     def draw(n: int, generator: torch.Generator) -> Tensor:
         order = torch.randperm(len(view), generator=generator).repeat(math.ceil(n / len(view)))[:n]
