@@ -39,7 +39,7 @@ from nfe_report import append_row, key, pivot_markdown, plot_panels, read_rows, 
 from evodiff_pl import sampling  # noqa: E402
 from evodiff_pl.checkpointing import locate_checkpoint  # noqa: E402
 from evodiff_pl.classifier import load_or_train  # noqa: E402
-from evodiff_pl.metrics import FrechetScore, frechet_distance  # noqa: E402
+from evodiff_pl.metrics import FrechetScore, frechet_distance, gaussian_fit  # noqa: E402
 
 SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "evodiff"]
 SCHEDULES = ["karras", "logsnr", "rescaled_entropic_train", "rescaled_entropic_pass"]
@@ -134,7 +134,7 @@ def data_floor(args: argparse.Namespace, features) -> dict[str, float]:
     for name, f in (("fd_pixels", lambda x: x.reshape(len(x), -1).double()), ("fd_digits_cnn", features)):
         with torch.no_grad():
             fa, fb = f(a), f(b)
-        out[name] = frechet_distance(fa.mean(0), torch.cov(fa.T), fb.mean(0), torch.cov(fb.T))
+        out[name] = frechet_distance(*gaussian_fit(fa), *gaussian_fit(fb))
     return out
 
 

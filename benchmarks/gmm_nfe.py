@@ -38,18 +38,13 @@ from evodiff_pl import sampling  # noqa: E402
 from evodiff_pl.checkpointing import load_denoiser, locate_checkpoint  # noqa: E402
 from evodiff_pl.entropic import EntropicSchedule, estimate_mmse  # noqa: E402
 from evodiff_pl.generate import EvalSpec, generate, initial_noise  # noqa: E402
-from evodiff_pl.metrics import frechet_distance  # noqa: E402
+from evodiff_pl.metrics import frechet_distance, gaussian_fit  # noqa: E402
 
 SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "evodiff"]
 SCHEDULES = ["karras", "logsnr", "rescaled_entropic_train", "rescaled_entropic_pass"]
 NFES = [5, 6, 8, 10, 12, 15, 20, 35]
 FIELDS = ["denoiser", "solver", "schedule", "nfe", "steps", "fd", "rmse", "median_rmse", "seconds", "note"]
 REPO = Path(__file__).resolve().parent.parent
-
-
-def fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.to(torch.float64)
-    return x.mean(0), torch.cov(x.T)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -61,12 +56,12 @@ def run(args: argparse.Namespace) -> None:
     indices = torch.arange(args.samples)
     noise, _ = initial_noise(indices, shape, seed=0)
     x_T = noise.to(torch.float64) * smax  # as in `generate` (seed 0, sample j from seed j)
-    fresh_mu, fresh_cov = fit(gm.sample(args.fresh, generator=torch.Generator().manual_seed(1)))
+    fresh_mu, fresh_cov = gaussian_fit(gm.sample(args.fresh, generator=torch.Generator().manual_seed(1)))
     t0 = time.perf_counter()
     exact = gm.ode_solve(x_T, smax, smin, n_steps=args.ode_steps)
     print(f"exact ODE endpoints ({args.ode_steps} RK4 steps): {time.perf_counter() - t0:.0f} s", flush=True)
-    floors = {"exact ODE endpoint": frechet_distance(*fit(exact), fresh_mu, fresh_cov),
-              "fresh data": frechet_distance(*fit(gm.sample(args.samples, generator=torch.Generator().manual_seed(2))),
+    floors = {"exact ODE endpoint": frechet_distance(*gaussian_fit(exact), fresh_mu, fresh_cov),
+              "fresh data": frechet_distance(*gaussian_fit(gm.sample(args.samples, generator=torch.Generator().manual_seed(2))),
                                              fresh_mu, fresh_cov)}
     print(f"floors: {floors}", flush=True)
 
@@ -106,7 +101,7 @@ def run(args: argparse.Namespace) -> None:
             x = generate(den, indices, shape, solver=solver, sigmas=sigmas, seed=0, batch_size=args.samples,
                          dtype=dtype).to(torch.float64)
             per_sample = (x - exact).square().mean(1)
-            row.update(steps=spec.n_steps, fd=frechet_distance(*fit(x), fresh_mu, fresh_cov),
+            row.update(steps=spec.n_steps, fd=frechet_distance(*gaussian_fit(x), fresh_mu, fresh_cov),
                        rmse=per_sample.mean().sqrt().item(), median_rmse=per_sample.sqrt().median().item(),
                        seconds=time.perf_counter() - t0)
             append_row(args.rows, row, FIELDS)

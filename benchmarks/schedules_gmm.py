@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from evodiff_pl.entropic import EntropicSchedule, edm_loss_weight  # noqa: E402
-from evodiff_pl.metrics import frechet_distance  # noqa: E402
+from evodiff_pl.metrics import frechet_distance, gaussian_fit  # noqa: E402
 from evodiff_pl.schedules import get_sigmas  # noqa: E402
 from evodiff_pl.solvers import nfe, solve  # noqa: E402
 from evodiff_pl.toy import GaussianMixture  # noqa: E402
@@ -38,10 +38,6 @@ from evodiff_pl.toy import GaussianMixture  # noqa: E402
 SOLVERS = ("euler", "heun", "dpmpp_2m", "evodiff")
 SCHEDULES = ("karras", "logsnr", "rescaled_entropic", "entropic")
 STYLE = {"karras": "C0", "logsnr": "C1", "rescaled_entropic": "C2", "entropic": "C3"}
-
-
-def gaussian_fit(x: Tensor) -> tuple[Tensor, Tensor]:
-    return x.mean(0), torch.cov(x.T)
 
 
 def steps_for(solver: str, budget: int) -> int:

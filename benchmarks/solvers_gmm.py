@@ -21,9 +21,9 @@ import statistics
 import time
 
 import torch
-from torch import Tensor
 
-from evodiff_pl.metrics import frechet_distance
+from evodiff_pl.generate import steps_for_nfe
+from evodiff_pl.metrics import frechet_distance, gaussian_fit
 from evodiff_pl.networks import build_network
 from evodiff_pl.precond import EDMPrecond
 from evodiff_pl.schedules import get_sigmas
@@ -33,17 +33,6 @@ from evodiff_pl.toy import GaussianMixture
 NFES = (5, 6, 8, 10, 12, 15, 20)
 SCHEDULES = ("karras", "logsnr")
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-
-
-def gaussian_fit(x: Tensor) -> tuple[Tensor, Tensor]:
-    x = x.to(torch.float64)
-    return x.mean(0), torch.cov(x.T)
-
-
-def steps_for(solver: str, budget: int) -> int | None:
-    """Steps spending exactly `budget` NFE, None if the solver cannot."""
-    n = budget // (nfe(solver, 2) // 2)
-    return n if nfe(solver, n) == budget else None
 
 
 def accuracy_table(args: argparse.Namespace) -> None:
@@ -62,8 +51,9 @@ def accuracy_table(args: argparse.Namespace) -> None:
     for schedule in SCHEDULES:
         for name in SOLVERS:
             for budget in NFES:
-                n = steps_for(name, budget)
-                if n is None:
+                try:
+                    n = steps_for_nfe(name, budget)
+                except ValueError:  # e.g. heun and an odd budget
                     continue
                 x = solve(name, g, x_T, get_sigmas(schedule, n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX))
                 sq = (x - exact).square()

@@ -43,6 +43,12 @@ def default_stats_dir() -> Path:
     return Path(os.environ.get("EVODIFF_STATS", "~/.cache/evodiff-pl/stats")).expanduser()
 
 
+def gaussian_fit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean (d,) and unbiased covariance (d, d) of samples (N, d), in float64: the Gaussian a Fréchet distance compares."""
+    x = x.to(torch.float64)
+    return x.mean(0), torch.cov(x.T)
+
+
 def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
     """Fréchet distance between N(mu1, cov1) and N(mu2, cov2), in float64.
 
