@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +29,7 @@ from evodiff_pl.checkpointing import (
 from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict
 from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, build_datamodule
 from evodiff_pl.evaluation import SampleQualityCallback
-from evodiff_pl.loggers import ScheduleArtifacts, build_logger, finish_wandb
+from evodiff_pl.loggers import ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb
 from evodiff_pl.module import EDMModule, NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.precond import EDMLoss, EDMPrecond
@@ -92,7 +91,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         ScheduleArtifacts(run_dir, plot_nfe=cfg.entropic.plot_nfe),
     ]
     if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(cfg.logger.log_every_steps, 10))))
+        callbacks.append(StepProgressBar(refresh_rate=max(1, min(cfg.logger.log_every_steps, 10))))
     evaluation = OmegaConf.to_container(cfg.evaluation)
     if evaluation.pop("enabled", True):
         evaluation.setdefault("out_dir", str(run_dir))

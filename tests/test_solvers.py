@@ -1,6 +1,7 @@
 import inspect
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ import torch
 from evodiff_pl.schedules import get_sigmas
 from evodiff_pl.solvers import SOLVERS, nfe, solve
 from evodiff_pl.toy import GaussianMixture
+
+DATA = Path(__file__).parent / "data"
 
 NAMES = list(SOLVERS)
 
@@ -43,6 +46,22 @@ def test_matches_official_reference(reference, reference_mixture, key, name, opt
     err = _rel(x, torch.tensor(reference[key]))
     print(f"{key}: relative error to the official endpoint {err:.2e}")
     assert err < 1e-8
+
+
+@pytest.mark.parametrize(
+    "case, denoise_to_zero",
+    [("karras_n10", False), ("karras_n10", True), ("karras_n25", False), ("logsnr_n25", False),
+     ("rescaled_entropic_n8", False), ("rescaled_entropic_n30", False)],
+)
+def test_evodiff_matches_official_code_off_the_logsnr_grid(reference, reference_mixture, case, denoise_to_zero):
+    """Non-uniform grids and N > 20 exercise b, tau, the zeta rule and the final step (tests/data/README.md)."""
+    key = f"{case}_evodiff" + ("_denoise_to_zero" if denoise_to_zero else "")
+    with np.load(DATA / "gmm_evodiff_official_grids.npz") as f:
+        sigmas, expected = torch.tensor(f[f"{case}_sigmas"]), torch.tensor(f[key])
+    x_T = torch.tensor(reference["x_T"][: len(expected)])
+    err = _rel(solve("evodiff", reference_mixture, x_T, sigmas, denoise_to_zero=denoise_to_zero), expected)
+    print(f"{key}: relative error to the official endpoint {err:.2e}")
+    assert err < 1e-9
 
 
 @pytest.fixture(scope="module")

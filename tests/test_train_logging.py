@@ -81,3 +81,13 @@ def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
                  f"data.root={missing}", "logger.kind=none"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: image folder {missing} does not exist")
+
+
+def test_progress_bar_counts_steps_to_the_total_from_the_resumed_step(tmp_path):
+    from evodiff_pl.loggers import StepProgressBar
+
+    run_dir = tmp_path / "run"
+    train_in_process(GMM, tiny_gmm(run_dir, "train.total_images=192"))  # 3 steps of 64
+    result = train_in_process(GMM, tiny_gmm(run_dir, "trainer.progress_bar=true"))  # resumes to 6
+    bar = next(c for c in result.trainer.callbacks if isinstance(c, StepProgressBar)).train_progress_bar
+    assert (bar.initial, bar.n, bar.total) == (3, 6, 6)
