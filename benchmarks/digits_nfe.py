@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,17 +126,52 @@ def sweep(args: argparse.Namespace, features, wanted: list[tuple[str, str, int]]
             append_row(args.rows, row, FIELDS)
 
 
-def data_floor(args: argparse.Namespace, features) -> dict[str, float]:
-    """FD between the even- and odd-indexed halves of the digits (898 vs 899), in both feature spaces."""
+def data_floor(args: argparse.Namespace, features, draws: int = 20) -> dict[str, float]:
+    """Two floors in both feature spaces: `<metric>` = FD between the even- and odd-indexed halves of the digits
+    (898 vs 899), and `<metric>_copy` (± `<metric>_copy_sd`) = mean FD of `draws` sets of 1,797 digits drawn with
+    replacement against all 1,797: the score of a sampler of the training set itself."""
     loaded = sampling.load_denoiser(args.run)
     real = sampling.checkpoint_data(loaded).real_images()
-    a, b = real[0::2], real[1::2]
+    g = torch.Generator().manual_seed(0)
     out = {}
     for name, f in (("fd_pixels", lambda x: x.reshape(len(x), -1).double()), ("fd_digits_cnn", features)):
         with torch.no_grad():
-            fa, fb = f(a), f(b)
-        out[name] = frechet_distance(*gaussian_fit(fa), *gaussian_fit(fb))
+            feats = f(real)
+        out[name] = frechet_distance(*gaussian_fit(feats[0::2]), *gaussian_fit(feats[1::2]))
+        full = gaussian_fit(feats)
+        copies = torch.tensor([frechet_distance(*gaussian_fit(feats[torch.randint(len(feats), (len(feats),),
+                                                                                    generator=g)]), *full)
+                               for _ in range(draws)])
+        out[f"{name}_copy"], out[f"{name}_copy_sd"] = copies.mean().item(), copies.std().item()
     return out
+
+
+def memorization(args: argparse.Namespace) -> dict[str, float]:
+    """How close samples of the reference setting are to training images (pixels, uint8 scale).
+
+    For each sample: d1, d2 = distances to its nearest and second-nearest training digit; "near-copy" when
+    d1 < d2 / 3 (the criterion of Yoon et al. 2023 and Gu et al. 2023). The data's own rate (each digit against
+    the other 1,796) is the baseline: a generalising model sits near it, a memorising one far above.
+    """
+    out = Path(tempfile.mkdtemp(prefix="digits_memo_"))
+    code = sampling.main([f"ckpt={args.run}", "solver=heun", "schedule=karras", f"nfe={args.ref_nfe}",
+                          f"seeds=0-{args.samples - 1}", f"batch={args.batch}", "format=npz", f"outdir={out}",
+                          "progress=false"])
+    if code:
+        raise SystemExit(f"sampling for the memorization check failed (exit {code})")
+    with np.load(next(out.rglob("*.npz"))) as f:
+        samples = torch.from_numpy(f["images"]).double().reshape(len(f["images"]), -1)
+    real = sampling.checkpoint_data(sampling.load_denoiser(args.run)).real_images().double().flatten(1)
+
+    def rate(x: torch.Tensor, drop_self: bool) -> tuple[float, float]:
+        d = torch.cdist(x, real)
+        if drop_self:
+            d.fill_diagonal_(float("inf"))
+        d1, d2 = d.topk(2, dim=1, largest=False).values.unbind(1)
+        return (d1 < d2 / 3).double().mean().item(), d1.median().item()
+
+    (copies, median), (data_copies, data_median) = rate(samples, False), rate(real, True)
+    return {"copies": copies, "median": median, "data_copies": data_copies, "data_median": data_median}
 
 
 def report(args: argparse.Namespace, features, accuracy: float) -> None:
@@ -143,6 +179,7 @@ def report(args: argparse.Namespace, features, accuracy: float) -> None:
     ref = {m: next((float(r[m]) for r in rows if (r["solver"], r["schedule"], int(r["nfe"])) ==
                     ("heun", "karras", args.ref_nfe) and r[m]), float("nan")) for m in ("fd_pixels", "fd_digits_cnn")}
     floor = data_floor(args, features)
+    memo = memorization(args)
     sweep_rows = [r for r in rows if int(r["nfe"]) in args.nfe]
     nfes = sorted({int(r["nfe"]) for r in sweep_rows})
     skipped = sorted({(r["solver"], r["schedule"], int(r["nfe"])) for r in sweep_rows if r["note"]})
@@ -159,10 +196,16 @@ def report(args: argparse.Namespace, features, accuracy: float) -> None:
         f"- reference: heun / karras at NFE {args.ref_nfe} ({args.ref_nfe // 2} Heun steps, no final Euler step; "
         f"EDM's 'NFE 79' is 40 steps with a plain Euler last step): fd_pixels {ref['fd_pixels']:.4g}, "
         f"fd_digits_cnn {ref['fd_digits_cnn']:.4g}.",
-        f"- data floor: FD between the even- and odd-indexed halves of the digits (898 vs 899): fd_pixels "
-        f"{floor['fd_pixels']:.4g}, fd_digits_cnn {floor['fd_digits_cnn']:.4g}; its finite-sample bias is about "
-        f"twice that of 1,797 vs 1,797, so about half of it ({floor['fd_pixels'] / 2:.4g} / "
-        f"{floor['fd_digits_cnn'] / 2:.4g}) is the floor comparable to the table.",
+        f"- data floors (the reference set is the training set): FD between the even- and odd-indexed halves of "
+        f"the digits (898 vs 899): fd_pixels {floor['fd_pixels']:.4g}, fd_digits_cnn {floor['fd_digits_cnn']:.4g} "
+        f"(about twice the finite-sample bias of a model of the digits' population scored with 1,797 samples: "
+        f"{floor['fd_pixels'] / 2:.4g} / {floor['fd_digits_cnn'] / 2:.4g}); 1,797 training digits drawn with "
+        f"replacement, i.e. a perfect sampler of the training set: {floor['fd_pixels_copy']:.4g} ± "
+        f"{floor['fd_pixels_copy_sd']:.3g} / {floor['fd_digits_cnn_copy']:.4g} ± {floor['fd_digits_cnn_copy_sd']:.3g}.",
+        f"- memorization (reference setting, pixels): {memo['copies']:.1%} of the samples are near-copies of a "
+        f"training digit (nearest < 1/3 of the second nearest; the digits against each other: "
+        f"{memo['data_copies']:.1%}); median distance to the nearest training digit {memo['median']:.4g} "
+        f"(each digit to its nearest other digit: {memo['data_median']:.4g}).",
         "- schedules: rescaled_entropic_train = learned from the training loss (run dir `schedule.json`); "
         f"rescaled_entropic_pass = dedicated pass (`sample.py estimate_schedule=true levels={args.levels} "
         f"pairs={args.pairs}`).",
@@ -177,7 +220,9 @@ def report(args: argparse.Namespace, features, accuracy: float) -> None:
     (out / "digits_nfe.md").write_text("\n".join(text))
     lines = {m: [(f"heun/karras NFE {args.ref_nfe} (reference)", ref[m], "--"),
                  ("data floor: split-half FD", floor[m], ":"),
-                 ("½ split-half FD (≈ 1797 vs 1797 floor)", floor[m] / 2, "-.")] for m in ref}
+                 ("½ split-half FD (floor, model of the population)", floor[m] / 2, "-."),
+                 ("training digits resampled (floor, sampler of the training set)", floor[f"{m}_copy"],
+                  (0, (1, 4)))] for m in ref}
     plot = plot_panels(sweep_rows, [("fd_pixels", f"FD on pixels ({args.samples} samples)"),
                                     ("fd_digits_cnn", f"FD on DigitsCNN features ({args.samples} samples)")],
                        args.solvers, args.schedules, args.plot, title=f"digits, {ckpt}", lines=lines)

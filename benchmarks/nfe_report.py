@@ -97,7 +97,7 @@ def winners_markdown(rows: Sequence[dict], metric: str, nfes: Sequence[int], fmt
 
 def plot_panels(rows: Sequence[dict], panels: Sequence[tuple[str, str]], solvers: Sequence[str],
                 schedules: Sequence[str], path: str | Path, title: str = "",
-                lines: dict[str, Sequence[tuple[str, float, str]]] | None = None, ncols: int | None = None) -> Path:
+                lines: dict[str, Sequence[tuple[str, float, str | tuple]]] | None = None, ncols: int | None = None) -> Path:
     """One panel per (metric, label); colour = solver, line style = schedule; log-log axes.
 
     `lines[metric]` adds horizontal reference lines (label, value, matplotlib style) to that panel.
