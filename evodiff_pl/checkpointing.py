@@ -211,12 +211,29 @@ def load_denoiser(path: str | Path, *, ema: bool = True, map_location: str | tor
     denoiser = EDMPrecond(build_network(net["name"], **net["kwargs"]), sigma_data=meta["sigma_data"])
     prefix = "ema." if ema else "net."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint {path} holds no {prefix!r} weights (an `export_weights` copy keeps only "
+                              f"one set: load it with ema={not ema})")
     missing, unexpected = denoiser.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path}: the weights under {prefix!r} do not fit the network "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     schedule = EntropicSchedule.from_dict(meta["schedule"]) if meta.get("schedule") else None
     return LoadedCheckpoint(denoiser.to(map_location).eval().requires_grad_(False), schedule, meta, path)
+
+
+def export_weights(src: str | Path, dst: str | Path, *, ema: bool = True) -> Path:
+    """Write a sampling-only copy of a train.py checkpoint (file or run directory): the EMA (or raw, `ema=False`)
+    weights and the `evodiff` metadata, without the optimizer and loop state (about a quarter of the size).
+    `load_denoiser(dst, ema=ema)` and `sample.py ckpt=dst` read it; it cannot resume training."""
+    ckpt = read_checkpoint(locate_checkpoint(src))
+    prefix = "ema." if ema else "net."
+    state = {k: v.clone() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint {src} holds no {prefix!r} weights")
+    dst = Path(dst)
+    atomic_write(dst, lambda f: torch.save({"state_dict": state, CHECKPOINT_KEY: ckpt[CHECKPOINT_KEY]}, f))
+    return dst
 
 
 def write_schedule(schedule: EntropicSchedule, path: str | Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from train_utils import GMM, load, tiny_gmm, train_in_process
 
-from evodiff_pl.checkpointing import CheckpointError, load_denoiser, newest_checkpoint
+from evodiff_pl.checkpointing import CheckpointError, export_weights, load_denoiser, newest_checkpoint
 from evodiff_pl.entropic import EntropicSchedule
 
 # Dropout on, so the restored RNG state matters; 6 steps of 64 samples; last.ckpt every 3 steps in both runs
@@ -72,6 +72,19 @@ def test_checkpoint_holds_config_and_loads_for_sampling(runs):
     assert loaded.denoiser(x, torch.full((4,), 1.0)).shape == (4, 8)
     raw = load_denoiser(full / "checkpoints" / "last.ckpt", ema=False)
     assert torch.equal(raw.denoiser.backbone.inp.weight, ckpt["state_dict"]["net.backbone.inp.weight"])
+
+
+def test_exported_weights_sample_like_the_checkpoint(runs, tmp_path):
+    full, *_ = runs
+    out = export_weights(full, tmp_path / "ema.ckpt")
+    assert out.stat().st_size < (full / "checkpoints" / "last.ckpt").stat().st_size / 2
+    a, b = load_denoiser(full), load_denoiser(out)
+    _assert_equal(a.denoiser.state_dict(), b.denoiser.state_dict())
+    assert a.schedule.to_dict() == b.schedule.to_dict() and a.meta["network"] == b.meta["network"]
+    with pytest.raises(CheckpointError, match="holds no 'net.' weights.*ema=True"):
+        load_denoiser(out, ema=False)
+    raw = load_denoiser(export_weights(full, tmp_path / "raw.ckpt", ema=False), ema=False)
+    _assert_equal(raw.denoiser.state_dict(), load_denoiser(full, ema=False).denoiser.state_dict())
 
 
 def test_newest_of_last_and_hpc_checkpoint(runs, tmp_path):
