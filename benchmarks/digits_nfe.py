@@ -7,7 +7,7 @@ pixels (fd_pixels, as `sample.py score=fd_pixels`) and on the 128-d penultimate 
 on the digits' training split (`evodiff_pl.classifier`, fd_digits_cnn). Schedules:
 
     karras, logsnr                     fixed grids
-    rescaled_entropic_train            learned during training (RUN/schedule.json)
+    rescaled_entropic_train            learned during training (stored in the checkpoint, = RUN/schedule.json)
     rescaled_entropic_pass             the dedicated pass (K levels x M pairs), written beside the checkpoint
 
 Also: the converged reference heun/karras at --ref-nfe (default 80 = 40 Heun steps, 2 NFE each, no final
@@ -70,10 +70,10 @@ class BothScores:
         return self.first.compute()
 
 
-def schedule_args(label: str, run: Path, estimated: Path) -> tuple[str, str | None]:
-    """(sample.py schedule name, schedule_file) of a schedule label."""
+def schedule_args(label: str, estimated: Path | None) -> tuple[str, str | None]:
+    """(sample.py schedule name, schedule_file) of a schedule label; the training schedule is the checkpoint's."""
     if label == "rescaled_entropic_train":
-        return "rescaled_entropic", str(run / "schedule.json")
+        return "rescaled_entropic", None
     if label == "rescaled_entropic_pass":
         return "rescaled_entropic", str(estimated)
     return label, None
@@ -101,7 +101,7 @@ def sweep(args: argparse.Namespace, features, wanted: list[tuple[str, str, int]]
         todo = [(s, n) for s, c, n in wanted if c == label and (s, c, n) not in done]
         if not todo:
             continue
-        schedule, schedule_file = schedule_args(label, args.run, estimated)
+        schedule, schedule_file = schedule_args(label, estimated)
         solvers = ",".join(dict.fromkeys(s for s, _ in todo))
         nfes = ",".join(str(n) for n in sorted({n for _, n in todo}))
         cfg = sampling.SampleConfig(ckpt=str(args.run), solver=solvers, schedule=schedule, nfe=nfes,
@@ -206,7 +206,8 @@ def report(args: argparse.Namespace, features, accuracy: float) -> None:
         f"training digit (nearest < 1/3 of the second nearest; the digits against each other: "
         f"{memo['data_copies']:.1%}); median distance to the nearest training digit {memo['median']:.4g} "
         f"(each digit to its nearest other digit: {memo['data_median']:.4g}).",
-        "- schedules: rescaled_entropic_train = learned from the training loss (run dir `schedule.json`); "
+        "- schedules: rescaled_entropic_train = learned from the training loss (the checkpoint's, = the run's "
+        "`schedule.json`); "
         f"rescaled_entropic_pass = dedicated pass (`sample.py estimate_schedule=true levels={args.levels} "
         f"pairs={args.pairs}`).",
         "- bold: best value of the column. '-': cannot run (heun makes 2 NFE per step: even NFE only) or not run.\n",
@@ -217,7 +218,8 @@ def report(args: argparse.Namespace, features, accuracy: float) -> None:
     if skipped:
         text.append("Skipped settings: " + ", ".join(f"{s}/{c}/{n}" for s, c, n in skipped) + ".\n")
     out = Path(args.out)
-    (out / "digits_nfe.md").write_text("\n".join(text))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text))
     lines = {m: [(f"heun/karras NFE {args.ref_nfe} (reference)", ref[m], "--"),
                  ("data floor: split-half FD", floor[m], ":"),
                  ("½ split-half FD (floor, model of the population)", floor[m] / 2, "-."),
@@ -226,7 +228,7 @@ def report(args: argparse.Namespace, features, accuracy: float) -> None:
     plot = plot_panels(sweep_rows, [("fd_pixels", f"FD on pixels ({args.samples} samples)"),
                                     ("fd_digits_cnn", f"FD on DigitsCNN features ({args.samples} samples)")],
                        args.solvers, args.schedules, args.plot, title=f"digits, {ckpt}", lines=lines)
-    print(f"wrote {out / 'digits_nfe.md'} and {plot}")
+    print(f"wrote {out} and {plot}")
 
 
 def quick_setup(args: argparse.Namespace) -> None:
@@ -235,7 +237,7 @@ def quick_setup(args: argparse.Namespace) -> None:
     subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/digits.yaml"),
                     f"run.dir={tmp / 'run'}", "train.total_images=2560", "logger.kind=csv",
                     "evaluation.enabled=false", "entropic.update_every_steps=5"], check=True, cwd=REPO)
-    args.run, args.out, args.rows = tmp / "run", tmp, tmp / "digits_nfe.csv"
+    args.run, args.out, args.rows = tmp / "run", tmp / "digits_nfe.md", tmp / "digits_nfe.csv"
     args.plot = tmp / "digits_nfe.png"
     args.samples, args.levels, args.pairs, args.ref_nfe = 64, 8, 32, 20
     args.nfe, args.solvers = [5, 6], ["heun", "evodiff"]
@@ -243,7 +245,7 @@ def quick_setup(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=Path("benchmarks/runs/digits_long"), help="train.py run directory")
+    p.add_argument("--run", type=Path, default=Path("benchmarks/runs/digits_long"), help="train.py run directory or checkpoint file (e.g. an export_weights copy)")
     p.add_argument("--solvers", nargs="+", default=SOLVERS)
     p.add_argument("--schedules", nargs="+", default=SCHEDULES, choices=SCHEDULES)
     p.add_argument("--nfe", type=int, nargs="+", default=NFES)
@@ -255,7 +257,7 @@ def main() -> None:
     p.add_argument("--classifier", default="benchmarks/results/digits_classifier.pt",
                    help="DigitsCNN weights (trained and saved here if absent)")
     p.add_argument("--rows", type=Path, default=Path("benchmarks/results/digits_nfe.csv"), help="row file")
-    p.add_argument("--out", default="benchmarks/results", help="folder of digits_nfe.md")
+    p.add_argument("--out", default="benchmarks/results/digits_nfe.md", help="markdown report")
     p.add_argument("--plot", default="docs/digits_nfe.png")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small ops)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from --rows")
