@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 import torch.distributed as dist
@@ -461,10 +461,14 @@ class EntropicSchedule:
             raise ValueError(f"{path}: {e}") from e
 
 
+Samples = Union[Tensor, tuple[Tensor, Tensor]]
+"""Samples, or (samples, integer class labels) for a class-conditional denoiser."""
+
+
 @torch.no_grad()
 def estimate_mmse(
-    denoiser: Callable[[Tensor, Tensor], Tensor],
-    data: Tensor | Callable[[int, torch.Generator], Tensor],
+    denoiser: Callable[..., Tensor],
+    data: Samples | Callable[[int, torch.Generator], Samples],
     *,
     n_levels: int = 128,
     n_pairs: int = 1024,
@@ -477,24 +481,30 @@ def estimate_mmse(
 ) -> tuple[Tensor, Tensor]:
     """The paper's dedicated pass: per-dimension error of `denoiser` on the Karras grid (Stancevic et al. 2025).
 
-    `data` is a tensor whose first `n_pairs` rows are the images, or a sampler `data(n, generator)`. One noise
-    draw per image (from `seed`) is reused at all `n_levels` levels (common random numbers), so the result
-    does not depend on `batch_size`. `denoiser(x, sigma)` gets sigma as a (B,) tensor; pass a network in eval
-    mode. With a process group every rank must call this; each evaluates a strided share of the pairs and the
+    `data` is a tensor whose first `n_pairs` rows are the images, or a sampler `data(n, generator)`; either may
+    instead be an (images, labels) pair, for a class-conditional denoiser called as `denoiser(x, sigma, labels)`
+    (the MMSE given the class, as the training loss measures it). One noise draw per image (from `seed`) is
+    reused at all `n_levels` levels (common random numbers), so the result does not depend on `batch_size`.
+    `denoiser` gets sigma as a (B,) tensor; pass a network in eval mode. With a process group every rank must call this; each evaluates a strided share of the pairs and the
     sums are all-reduced. Returns (sigmas (K,) descending, m (K,)), float64 on the CPU, for `from_mmse`.
     """
     if n_levels < 2 or n_pairs < 1 or batch_size < 1:
         raise ValueError(f"need n_levels >= 2, n_pairs >= 1, batch_size >= 1; got {n_levels}, {n_pairs}, {batch_size}")
     gen = torch.Generator().manual_seed(seed)
-    x0 = data(n_pairs, gen) if callable(data) else data[:n_pairs]
+    drawn = data(n_pairs, gen) if callable(data) else data
+    x0, labels = drawn if isinstance(drawn, tuple) else (drawn, None)
+    x0 = x0[:n_pairs]
     if x0.shape[0] != n_pairs:
         raise ValueError(f"data has {x0.shape[0]} samples, estimate_mmse needs n_pairs={n_pairs}")
+    if labels is not None and labels.shape[0] < n_pairs:
+        raise ValueError(f"data has {labels.shape[0]} labels for n_pairs={n_pairs} samples")
     noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
     dim = x0[0].numel()
     rank, world = _world()
     device = torch.device(device) if device is not None else x0.device
     mine = torch.arange(rank, n_pairs, world)
     x0, noise = x0[mine].to(device), noise[mine].to(device)
+    labels = labels[:n_pairs][mine].to(device) if labels is not None else None
     sigmas = get_sigmas("karras", n_levels - 1, sigma_min, sigma_max)
     totals = torch.zeros(n_levels, dtype=torch.float64, device=device)
     for k in tqdm(range(n_levels), desc="MMSE levels", disable=not progress or rank != 0):
@@ -502,7 +512,8 @@ def estimate_mmse(
             x, eps = x0[start : start + batch_size], noise[start : start + batch_size]
             sigma = torch.full((x.shape[0],), sigmas[k].item(), dtype=x.dtype, device=device)
             # x_sigma = x0 + sigma * eps  (SPEC, notation)
-            d = denoiser(x + sigmas[k].item() * eps, sigma)
+            cond = () if labels is None else (labels[start : start + batch_size],)
+            d = denoiser(x + sigmas[k].item() * eps, sigma, *cond)
             totals[k] += (d.to(torch.float64) - x.to(torch.float64)).square().sum()
     if world > 1:
         totals = _all_reduce(totals, dist.ReduceOp.SUM)

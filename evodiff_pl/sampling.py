@@ -45,7 +45,7 @@ from evodiff_pl.checkpointing import (
 )
 from evodiff_pl.config import suggest
 from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, to_uint8
-from evodiff_pl.entropic import EntropicSchedule, estimate_mmse
+from evodiff_pl.entropic import EntropicSchedule, Samples, estimate_mmse
 from evodiff_pl.generate import EvalSpec, generate, needs_learned_schedule, rank_indices
 from evodiff_pl.metrics import FrechetScore
 from evodiff_pl.schedules import SCHEDULES
@@ -373,9 +373,6 @@ def build(cfg: SampleConfig) -> SamplingJob:
     device = resolve_device(cfg.device)
     loaded = load_denoiser(cfg.ckpt, ema=cfg.ema, map_location=device)
     if cfg.estimate_schedule:
-        if loaded.meta["num_classes"]:
-            raise SampleError("estimate_schedule does not support class-conditional checkpoints (the estimation "
-                              "pass calls the denoiser without labels)")
         return SamplingJob(cfg, loaded, device)
     rows = plans(cfg, loaded)
     is_image = len(loaded.meta["sample_shape"]) == 3
@@ -507,14 +504,17 @@ def run(job: SamplingJob) -> list[dict[str, str]]:
     return rows
 
 
-def training_samples(data: DiffusionDataModule) -> Callable[[int, torch.Generator], Tensor]:
+def training_samples(data: DiffusionDataModule, labels: bool = False) -> Callable[[int, torch.Generator], Samples]:
     """A sampler `draw(n, generator)` of un-augmented training samples (float, images in [-1, 1]) for
-    `estimate_mmse`: a random permutation of the dataset, repeated if n exceeds it."""
+    `estimate_mmse`: a random permutation of the dataset, repeated if n exceeds it; with `labels`, (samples,
+    their class labels) for a class-conditional denoiser."""
     view = data.view()
 
-    def draw(n: int, generator: torch.Generator) -> Tensor:
+    def draw(n: int, generator: torch.Generator) -> Samples:
         order = torch.randperm(len(view), generator=generator).repeat(math.ceil(n / len(view)))[:n]
-        return torch.stack([view[i][0] for i in order.tolist()])
+        items = [view[i] for i in order.tolist()]
+        x = torch.stack([item[0] for item in items])
+        return (x, torch.as_tensor([int(item[1]) for item in items], dtype=torch.int64)) if labels else x
 
     return draw
 
@@ -529,7 +529,8 @@ def estimate(job: SamplingJob) -> Path:
     rank 0 writes the schedule atomically beside the checkpoint. Returns its path."""
     cfg, loaded, meta = job.cfg, job.loaded, job.loaded.meta
     sigmas, mmse = estimate_mmse(
-        loaded.denoiser, training_samples(checkpoint_data(loaded)), n_levels=cfg.levels, n_pairs=cfg.pairs,
+        loaded.denoiser, training_samples(checkpoint_data(loaded), labels=bool(meta["num_classes"])),
+        n_levels=cfg.levels, n_pairs=cfg.pairs,
         sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"], batch_size=cfg.batch, device=job.device,
         progress=cfg.progress,
     )

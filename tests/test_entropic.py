@@ -287,6 +287,35 @@ def test_estimate_mmse_reproduces_the_exact_mmse_and_ignores_batch_size(mixture)
         estimate_mmse(mixture.denoise, data, n_pairs=4096, progress=False)
 
 
+def test_estimate_mmse_with_labels_gives_the_exact_conditional_mmse(mixture):
+    """Labels = mixture components: D(x, sigma, c) is component c's Gaussian posterior mean, and the MMSE given
+    the class has the closed form sum_c w_c v_c sigma^2 / (v_c + sigma^2) per dimension."""
+    w, mu, v = mixture.weights, mixture.means, mixture.variances
+
+    def conditional(x, sigma, labels):
+        s2 = sigma.to(torch.float64)[:, None] ** 2
+        vc = v[labels][:, None]
+        return mu[labels] + vc / (vc + s2) * (x - mu[labels])
+
+    n_pairs = 4096
+    data = mixture.sample(n_pairs, generator=torch.Generator().manual_seed(12), return_labels=True)
+    sigmas, m = estimate_mmse(conditional, data, n_levels=10, n_pairs=n_pairs, batch_size=1000, seed=13,
+                              progress=False)
+    exact = (w[:, None] * v[:, None] * sigmas**2 / (v[:, None] + sigmas**2)).sum(0)
+    rel = ((m - exact) / exact).abs().max().item()
+    print(f"conditional estimate_mmse vs closed form: max relative error {rel:.4f}")
+    assert rel < 0.03  # one noise draw per pair: ~1 / sqrt(n_pairs * dim) = 0.2 % per level, plus class mix
+    unconditional = estimate_mmse(mixture.denoise, data[0], n_levels=10, n_pairs=n_pairs, seed=13, progress=False)[1]
+    print("unconditional / conditional MMSE per level:", [round(r, 2) for r in (unconditional / m).tolist()])
+    assert bool((unconditional >= m * (1 - 0.01)).all()) and (unconditional / m).max().item() > 2  # class info helps
+    sampler = lambda n, g: mixture.sample(n, generator=g, return_labels=True)  # noqa: E731
+    for batch_size in (333, 4096):
+        other = estimate_mmse(conditional, sampler, n_levels=10, n_pairs=n_pairs, batch_size=batch_size, seed=13,
+                              progress=False)[1]
+        assert (other / estimate_mmse(conditional, sampler, n_levels=10, n_pairs=n_pairs, seed=13,
+                                      progress=False)[1] - 1).abs().max().item() < 1e-12
+
+
 def test_invalid_inputs_raise_clear_errors():
     sigmas = torch.logspace(-2, 1, 16, dtype=torch.float64)
     m = sigmas**2 / (sigmas**2 + 1)

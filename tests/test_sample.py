@@ -16,7 +16,7 @@ from evodiff_pl.config import load_config
 from evodiff_pl.data import to_uint8
 from evodiff_pl.entropic import EntropicSchedule
 from evodiff_pl.generate import EvalSpec, generate
-from evodiff_pl.sampling import main
+from evodiff_pl.sampling import checkpoint_data, main, training_samples
 from evodiff_pl.training import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +143,30 @@ def test_estimate_schedule_writes_a_usable_schedule(digits_run, tmp_path):
         assert _sample(f"ckpt={ckpt}", f"schedule={kind}", f"schedule_file={path}", "seeds=0-3",
                        f"outdir={out}", "format=npz") == 0
         assert _npz(out / f"evodiff_{kind}_nfe10.npz")["images"].shape == (4, 8, 8, 1)
+
+
+def test_estimate_schedule_on_a_class_conditional_checkpoint_passes_the_labels(tmp_path, monkeypatch):
+    run_dir = _train(tmp_path / "cond", "digits.yaml", ["train.total_images=256", "model.net.model_channels=8",
+                                                        "model.net.channel_mult=[1]", "data.conditional=true"])
+    calls = []
+    denoiser_type = type(load_denoiser(run_dir).denoiser)
+    forward = denoiser_type.forward
+
+    def spy(self, x, sigma, labels=None):
+        calls.append(labels)
+        return forward(self, x, sigma, labels)
+
+    monkeypatch.setattr(denoiser_type, "forward", spy)
+    assert _sample(f"ckpt={run_dir}", "estimate_schedule=true", "levels=4", "pairs=30", "batch=30") == 0
+    assert len(calls) == 4 and all(c is not None and c.shape == (30,) and c.dtype == torch.int64 for c in calls)
+    assert len(set(calls[0].tolist())) > 3  # the digits' own classes, not a constant
+    data = checkpoint_data(load_denoiser(run_dir))
+    x, y = training_samples(data, labels=True)(50, torch.Generator().manual_seed(0))
+    images, labels = data.data.tensors
+    rows = [int(torch.nonzero((images == xi).flatten(1).all(1))[0]) for xi in x]
+    assert torch.equal(y, labels[rows])  # each image with its own label
+    schedule = EntropicSchedule.load(run_dir / "checkpoints" / "last_schedule_estimated.json")
+    assert schedule.source["n_levels"] == 4 and len(schedule.q) == 4
 
 
 def test_vector_data_gives_an_npz_of_floats(gmm_run, stats_dir, tmp_path, capsys):
