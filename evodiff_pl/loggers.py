@@ -1,8 +1,9 @@
 """Experiment logging: W&B (or CSV) logger set-up, and the learned-schedule artifacts (schedule.json, plots).
 
 W&B mode `auto` is online when an API key is configured (WANDB_API_KEY, or a ~/.netrc entry for the
-W&B host) and offline otherwise; an explicit `online` without a key falls back to offline with a
-warning, so a missing login never stops a run. WANDB_MODE in the environment wins over `auto`. The W&B
+W&B host) and the server answers, and offline otherwise; an explicit `online` without a key or without a
+reachable server falls back to offline with a warning, so neither a missing login nor an offline compute
+node stops a run. WANDB_MODE in the environment wins over `auto`. The W&B
 run id is kept in `<run.dir>/wandb_run_id`, so a resumed run continues the same W&B run.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import netrc
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -28,27 +30,53 @@ from evodiff_pl.schedules import karras
 RUN_ID_FILE = "wandb_run_id"
 
 
+def wandb_base_url() -> str:
+    """The W&B server wandb will use: $WANDB_BASE_URL, else wandb's own default for this version."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"]
+    import wandb
+
+    return str(wandb.Settings().base_url)
+
+
 def wandb_api_key_configured() -> bool:
     """True if WANDB_API_KEY is set or ~/.netrc (or $NETRC) has an entry for the W&B host."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(wandb_base_url()).hostname) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
 
+def wandb_reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the W&B server opens within `timeout` seconds (compute nodes are often
+    offline: wandb itself would wait ~90 s and then stop the run)."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def resolve_wandb_mode(mode: str) -> str:
-    """online | offline | disabled for a configured mode (auto | online | offline | disabled)."""
+    """online | offline | disabled for a configured mode (auto | online | offline | disabled). Online needs an API
+    key and a reachable server; without either the run logs offline (upload later with `wandb sync`)."""
     if mode == "auto":
         env = os.environ.get("WANDB_MODE")
         if env:
-            return {"dryrun": "offline", "run": "online"}.get(env, env)
-        return "online" if wandb_api_key_configured() else "offline"
-    if mode == "online" and not wandb_api_key_configured():
+            mode = {"dryrun": "offline", "run": "online"}.get(env, env)
+        else:
+            mode = "online" if wandb_api_key_configured() else "offline"
+    elif mode == "online" and not wandb_api_key_configured():
         rank_zero_warn("logger.mode=online but no W&B API key is configured (WANDB_API_KEY or ~/.netrc): "
                        "logging offline instead; upload later with `wandb sync`")
+        return "offline"
+    if mode == "online" and not wandb_reachable(url := wandb_base_url()):
+        rank_zero_warn(f"the W&B server {url} is unreachable from this machine: logging offline instead (under "
+                       "<run.dir>/wandb); upload later with `wandb sync`")
         return "offline"
     return mode
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import socket
 
 import pytest
 from train_utils import DIGITS, GMM, tiny_gmm, train_in_process
@@ -21,17 +22,42 @@ def no_wandb_login(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
 
 
-def test_auto_mode_is_offline_without_key_and_online_with_one(no_wandb_login, monkeypatch, tmp_path):
-    assert resolve_wandb_mode("auto") == "offline"
-    with pytest.warns(UserWarning, match="no W&B API key is configured"):
-        assert resolve_wandb_mode("online") == "offline"
-    (tmp_path / "no-netrc").write_text("machine api.wandb.ai login user password " + "x" * 40 + "\n")
-    assert resolve_wandb_mode("auto") == "online"
-    (tmp_path / "no-netrc").unlink()
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert resolve_wandb_mode("auto") == "online"
+def _closed_port_url() -> str:
+    """A loopback URL where nothing listens (connections are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_auto_mode_is_online_only_with_a_key_and_a_reachable_server(no_wandb_login, monkeypatch, tmp_path):
+    with socket.socket() as server:  # a stand-in W&B server on the loopback interface
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert resolve_wandb_mode("auto") == "offline"
+        with pytest.warns(UserWarning, match="no W&B API key is configured"):
+            assert resolve_wandb_mode("online") == "offline"
+        (tmp_path / "no-netrc").write_text("machine 127.0.0.1 login user password " + "x" * 40 + "\n")
+        assert resolve_wandb_mode("auto") == "online"
+        (tmp_path / "no-netrc").unlink()
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        assert resolve_wandb_mode("auto") == "online" and resolve_wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", _closed_port_url())  # key, but no server: an offline compute node
+    for mode in ("auto", "online"):
+        with pytest.warns(UserWarning, match="unreachable from this machine"):
+            assert resolve_wandb_mode(mode) == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode("auto") == "disabled" and resolve_wandb_mode("offline") == "offline"
+
+
+def test_key_without_network_runs_offline_instead_of_failing(no_wandb_login, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", _closed_port_url())
+    run_dir = tmp_path / "run"
+    with pytest.warns(UserWarning, match="unreachable"):
+        train_in_process(GMM, tiny_gmm(run_dir, "logger.kind=wandb", "train.total_images=128"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
 def test_wandb_offline_writes_under_run_dir_and_resume_keeps_the_run(no_wandb_login, tmp_path):
@@ -41,7 +67,7 @@ def test_wandb_offline_writes_under_run_dir_and_resume_keeps_the_run(no_wandb_lo
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
     train_in_process(GMM, tiny_gmm(run_dir, *wandb))
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    assert len(runs) == 2 and all(f"-{run_id}" in r.name for r in runs)  # wandb adds "-1" within one second
     assert all(list(r.glob("*.wandb")) for r in runs)
 
 
