@@ -4,6 +4,11 @@ Every module yields training batches `(x, labels)`: x float32 of shape (B, *shap
 [-1, 1]), labels int64 (B,); labels are returned even when `num_classes == 0` (the model then
 ignores them). `real_images()` is the reference data for Fréchet-distance statistics.
 
+Held-out split (`holdout=N`): N samples, chosen by a fixed permutation (seed 0, independent of the run's seed),
+are kept out of training; the validation loss is measured on them, so it can show over-fitting. Training,
+`real_images()` and the statistics key then refer to the remaining samples. For the digits, `holdout=450` holds
+out exactly the test split of `evodiff_pl.classifier.digits_split`.
+
 Data order and resume: epoch e of the train loader visits the permutation drawn from (seed, e)
 (`EpochShuffleSampler`). Lightning calls `set_epoch` on it at the start of every epoch, also
 through the DistributedSamplerWrapper it injects under DDP (which only shards this permutation
@@ -150,7 +155,7 @@ class DiffusionDataModule(L.LightningDataModule):
     name: ClassVar[str]
     is_image: ClassVar[bool]
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, holdout: int = 0) -> None:
         """
         Args:
             batch_size: samples per batch and per process (the global batch is batch_size * world size);
@@ -158,47 +163,68 @@ class DiffusionDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes; 0 (load in the main process) suits the
                 in-memory datasets, raise it for image_folder.
             seed: seed of the data order (see the module docstring).
+            holdout: samples kept out of training for the validation loss (module docstring); 0 = none.
         """
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {holdout}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.holdout = holdout
         self.shape: tuple[int, ...] = ()
         self.num_classes = 0
         self._data: Dataset | None = None
+        self._heldout: Dataset | None = None
         self._stream_start: int | None = None
 
     def _load(self) -> Dataset:
         """The un-augmented dataset of (x, label), x uint8 or float32 in [-1, 1] (images) or float32 (vectors)."""
         raise NotImplementedError
 
-    def stats_key(self) -> str:
-        """A stable string naming the reference data (dataset, resolution, subset) for caching statistics.
-
-        It does not include the number of samples used: callers add it if they use `real_images(max_n)`.
-        """
+    def _stats_key(self) -> str:
+        """`stats_key` of the whole dataset (subclasses)."""
         raise NotImplementedError
+
+    def stats_key(self) -> str:
+        """A stable string naming the reference data (dataset, resolution, subset, held-out split) for caching
+        statistics. It does not include the number of samples used: callers add it if they use `real_images(max_n)`.
+        """
+        return self._stats_key() + (f"-holdout{self.holdout}" if self.holdout else "")
 
     def setup(self, stage: str | None = None) -> None:
         if self._data is None:
             data = self._load()
+            if self.holdout:
+                if self.holdout >= len(data):
+                    raise ValueError(f"{self.name}: holdout={self.holdout} leaves no training data ({len(data)} samples)")
+                order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+                self._heldout = Subset(data, order[len(data) - self.holdout:].sort().values.tolist())
+                data = Subset(data, order[: len(data) - self.holdout].sort().values.tolist())
             if len(data) < self.batch_size:
                 raise ValueError(
-                    f"{self.name}: {len(data)} samples < batch_size={self.batch_size}; no full batch can be drawn"
+                    f"{self.name}: {len(data)} training samples < batch_size={self.batch_size}; no full batch can be "
+                    "drawn"
                 )
             self._data = data
 
     @property
     def data(self) -> Dataset:
-        """The un-augmented dataset in its fixed order, loaded on first use."""
+        """The un-augmented training data in its fixed order, loaded on first use."""
         self.setup()
         return self._data
 
-    def view(self, augment: bool = False) -> Dataset:
-        """The dataset as seen by the loaders: float samples, augmented for training if requested."""
-        return self.data
+    @property
+    def heldout(self) -> Dataset | None:
+        """The un-augmented held-out samples in their fixed order (None without `holdout`)."""
+        self.setup()
+        return self._heldout
+
+    def view(self, augment: bool = False, heldout: bool = False) -> Dataset:
+        """The training (or held-out) data as seen by the loaders: float samples, augmented if requested."""
+        return self.heldout if heldout else self.data
 
     def _loader(self, dataset: Dataset, batch_size: int | None = None, **kwargs) -> DataLoader:
         return DataLoader(
@@ -241,8 +267,10 @@ class DiffusionDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """One un-augmented batch: it only lets Lightning run validation hooks (evaluation is a callback)."""
-        return self._loader(Subset(self.view(augment=False), range(self.batch_size)))
+        """One un-augmented batch for the validation loss: the first `batch_size` held-out samples with `holdout`,
+        else the first training samples (sample quality is measured by the evaluation callback)."""
+        source = self.view(heldout=self.heldout is not None)
+        return self._loader(Subset(source, range(min(self.batch_size, len(source)))))
 
     def real_images(self, max_n: int | None = None) -> Tensor:
         """The first `max_n` samples (all if None or larger than the dataset) in the fixed order.
@@ -274,8 +302,8 @@ class _ImageDataModule(DiffusionDataModule):
         super().__init__(**kwargs)
         self.hflip = hflip
 
-    def view(self, augment: bool = False) -> Dataset:
-        return _Images(self.data, hflip=self.hflip and augment)
+    def view(self, augment: bool = False, heldout: bool = False) -> Dataset:
+        return _Images(self.heldout if heldout else self.data, hflip=self.hflip and augment)
 
 
 class DigitsDataModule(_ImageDataModule):
@@ -322,7 +350,7 @@ class DigitsDataModule(_ImageDataModule):
             x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=r < 8)
         return TensorDataset(x, labels)
 
-    def stats_key(self) -> str:
+    def _stats_key(self) -> str:
         return "digits-8px" if self.resolution == 8 else f"digits-{self.resolution}px-{self.resize_mode}"
 
 
@@ -394,7 +422,7 @@ class CIFAR10DataModule(_ImageDataModule):
     def _load(self) -> Dataset:
         return TensorDataset(*_read_cifar10_train(self._ensure_on_disk()))
 
-    def stats_key(self) -> str:
+    def _stats_key(self) -> str:
         return "cifar10-32px-train"
 
 
@@ -474,7 +502,7 @@ class ImageFolderDataModule(_ImageDataModule):
     def _load(self) -> Dataset:
         return _ImageFiles(self.files, self.labels, self.resolution, self.channels)
 
-    def stats_key(self) -> str:
+    def _stats_key(self) -> str:
         path_hash = hashlib.sha1(str(self.root).encode()).hexdigest()[:8]
         return f"image_folder-{self.root.name}-{path_hash}-n{len(self.files)}-{self.resolution}px-{self.channels}ch"
 
@@ -512,7 +540,7 @@ class GMMDataModule(DiffusionDataModule):
         x, k = self.mixture.sample(self.num_train, generator=g, return_labels=True)
         return TensorDataset(x.to(torch.float32), k.to(torch.int64))
 
-    def stats_key(self) -> str:
+    def _stats_key(self) -> str:
         m = self.mixture
         return f"gmm-d{m.dim}-k{m.n_components}-s{self.mixture_seed}-n{self.num_train}"
 

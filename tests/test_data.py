@@ -58,6 +58,37 @@ def test_registry():
         build_datamodule("gmm", hflip=True)
 
 
+# ---------------------------------------------------------------- held-out split
+
+
+def _rows(x: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in x.flatten(1)}
+
+
+def test_holdout_keeps_a_fixed_split_out_of_training_and_validates_on_it():
+    from evodiff_pl.classifier import digits_split
+
+    dm = build_datamodule("digits", batch_size=64, holdout=450, seed=5)
+    train = torch.stack([dm.data[i][0] for i in range(len(dm.data))])
+    held = torch.stack([dm.heldout[i][0] for i in range(len(dm.heldout))])
+    assert (len(train), len(held)) == (1347, 450)
+    every = build_datamodule("digits").data.tensors[0]
+    assert _rows(train) | _rows(held) == _rows(every) and not _rows(train) & _rows(held)
+    _, _, x_test, _ = digits_split()
+    assert _rows(held) == _rows(x_test)  # the classifier's test split, whatever the run's seed
+    assert dm.stats_key() == "digits-8px-holdout450" and _rows(dm.real_images()) <= _rows(data.to_uint8(train))
+    (xb, _), = list(dm.val_dataloader())
+    assert torch.equal(xb, held[:64])
+    dm.stream_from(0)
+    streamed = torch.cat([b[0] for _, b in zip(range(30), dm.train_dataloader())])  # > one epoch of 1,347
+    assert _rows(streamed) == _rows(train)
+    assert build_datamodule("digits", batch_size=64).val_dataloader().dataset[0][0].equal(every[0])
+    with pytest.raises(ValueError, match="holdout=1797 leaves no training data"):
+        build_datamodule("digits", holdout=1797).setup()
+    with pytest.raises(ValueError, match="holdout must be >= 0"):
+        build_datamodule("digits", holdout=-1)
+
+
 # ---------------------------------------------------------------- digits
 
 
