@@ -245,7 +245,8 @@ def quick_setup(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=Path("benchmarks/runs/digits_long"), help="train.py run directory or checkpoint file (e.g. an export_weights copy)")
+    p.add_argument("--run", type=Path, default=Path("benchmarks/runs/digits_long"),
+                   help="train.py run directory or checkpoint file (e.g. an export_weights copy)")
     p.add_argument("--solvers", nargs="+", default=SOLVERS)
     p.add_argument("--schedules", nargs="+", default=SCHEDULES, choices=SCHEDULES)
     p.add_argument("--nfe", type=int, nargs="+", default=NFES)

@@ -485,8 +485,8 @@ def estimate_mmse(
     instead be an (images, labels) pair, for a class-conditional denoiser called as `denoiser(x, sigma, labels)`
     (the MMSE given the class, as the training loss measures it). One noise draw per image (from `seed`) is
     reused at all `n_levels` levels (common random numbers), so the result does not depend on `batch_size`.
-    `denoiser` gets sigma as a (B,) tensor; pass a network in eval mode. With a process group every rank must call this; each evaluates a strided share of the pairs and the
-    sums are all-reduced. Returns (sigmas (K,) descending, m (K,)), float64 on the CPU, for `from_mmse`.
+    `denoiser` gets sigma as a (B,) tensor; pass a network in eval mode. With a process group every rank must
+    call this; each evaluates a strided share of the pairs and the sums are all-reduced. Returns (sigmas (K,) descending, m (K,)), float64 on the CPU, for `from_mmse`.
     """
     if n_levels < 2 or n_pairs < 1 or batch_size < 1:
         raise ValueError(f"need n_levels >= 2, n_pairs >= 1, batch_size >= 1; got {n_levels}, {n_pairs}, {batch_size}")
