@@ -202,6 +202,20 @@ def locate_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def _prefix(ema: bool) -> str:
+    return "ema." if ema else "net."
+
+
+def _weights(ckpt: dict[str, Any], path: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's EMA (or raw) weights, keys still prefixed; CheckpointError if it holds none."""
+    prefix = _prefix(ema)
+    state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint {path} holds no {prefix!r} weights (an `export_weights` copy keeps only "
+                              f"one set: load it with ema={not ema})")
+    return state
+
+
 def load_denoiser(path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild the denoiser of a train.py checkpoint (file or run directory) for sampling; no Lightning module needed."""
     path = locate_checkpoint(path)
@@ -209,11 +223,8 @@ def load_denoiser(path: str | Path, *, ema: bool = True, map_location: str | tor
     meta = ckpt[CHECKPOINT_KEY]
     net = meta["network"]
     denoiser = EDMPrecond(build_network(net["name"], **net["kwargs"]), sigma_data=meta["sigma_data"])
-    prefix = "ema." if ema else "net."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        raise CheckpointError(f"checkpoint {path} holds no {prefix!r} weights (an `export_weights` copy keeps only "
-                              f"one set: load it with ema={not ema})")
+    prefix = _prefix(ema)
+    state = {k[len(prefix):]: v for k, v in _weights(ckpt, path, ema).items()}
     missing, unexpected = denoiser.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path}: the weights under {prefix!r} do not fit the network "
@@ -226,11 +237,9 @@ def export_weights(src: str | Path, dst: str | Path, *, ema: bool = True) -> Pat
     """Write a sampling-only copy of a train.py checkpoint (file or run directory): the EMA (or raw, `ema=False`)
     weights and the `evodiff` metadata, without the optimizer and loop state (about a quarter of the size).
     `load_denoiser(dst, ema=ema)` and `sample.py ckpt=dst` read it; it cannot resume training."""
-    ckpt = read_checkpoint(locate_checkpoint(src))
-    prefix = "ema." if ema else "net."
-    state = {k: v.clone() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        raise CheckpointError(f"checkpoint {src} holds no {prefix!r} weights")
+    path = locate_checkpoint(src)
+    ckpt = read_checkpoint(path)
+    state = {k: v.clone() for k, v in _weights(ckpt, path, ema).items()}
     dst = Path(dst)
     atomic_write(dst, lambda f: torch.save({"state_dict": state, CHECKPOINT_KEY: ckpt[CHECKPOINT_KEY]}, f))
     return dst
