@@ -1,0 +1,45 @@
+"""Deterministic probability-flow ODE solvers over a given sigma grid (docs/method.md §2).
+
+Every solver is a pure function ``(denoiser, x, sigmas, *, options) -> Tensor`` (the contract is
+spelled out in `evodiff_pl.solvers.base`) that carries its exact call count as ``fn.nfe_rule``;
+``SOLVERS`` is the one registry of them, by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import Tensor
+
+from evodiff_pl.solvers.base import Callback, Denoiser
+from evodiff_pl.solvers.dpmpp import dpmpp_2m, dpmpp_3m
+from evodiff_pl.solvers.edm import euler, heun
+from evodiff_pl.solvers.evodiff import evodiff
+
+__all__ = ["SOLVERS", "Callback", "Denoiser", "nfe", "solve", "dpmpp_2m", "dpmpp_3m", "euler", "heun", "evodiff"]
+
+SOLVERS: dict[str, Callable[..., Tensor]] = {fn.__name__: fn for fn in (euler, heun, dpmpp_2m, dpmpp_3m, evodiff)}
+
+
+def _get(name: str) -> Callable[..., Tensor]:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; valid: {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def solve(name: str, denoiser: Denoiser, x: Tensor, sigmas: Tensor, **options) -> Tensor:
+    """Run solver `name` from x at sigmas[0] down to sigmas[-1]; options as documented per solver."""
+    return _get(name)(denoiser, x, sigmas, **options)
+
+
+def nfe(name: str, n_steps: int, **options) -> int:
+    """Exact number of denoiser calls of `solve(name, ...)` on a grid of n_steps + 1 levels."""
+    fn = _get(name)
+    valid = [k for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    if not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+    return fn.nfe_rule(n_steps, **options) + bool(options.get("denoise_to_zero", False))
