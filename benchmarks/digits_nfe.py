@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nfe_report import append_row, key, pivot_markdown, plot_panels, read_rows, winners_markdown  # noqa: E402
 
 from evodiff_pl import sampling  # noqa: E402
-from evodiff_pl.checkpointing import locate_checkpoint  # noqa: E402
+from evodiff_pl.checkpointing import load_denoiser, locate_checkpoint  # noqa: E402
 from evodiff_pl.classifier import load_or_train  # noqa: E402
 from evodiff_pl.metrics import FrechetScore, frechet_distance, gaussian_fit  # noqa: E402
 
@@ -130,7 +130,7 @@ def data_floor(args: argparse.Namespace, features, draws: int = 20) -> dict[str,
     """Two floors in both feature spaces: `<metric>` = FD between the even- and odd-indexed halves of the digits
     (898 vs 899), and `<metric>_copy` (± `<metric>_copy_sd`) = mean FD of `draws` sets of 1,797 digits drawn with
     replacement against all 1,797: the score of a sampler of the training set itself."""
-    loaded = sampling.load_denoiser(args.run)
+    loaded = load_denoiser(args.run)
     real = sampling.checkpoint_data(loaded).real_images()
     g = torch.Generator().manual_seed(0)
     out = {}
@@ -161,7 +161,7 @@ def memorization(args: argparse.Namespace) -> dict[str, float]:
         raise SystemExit(f"sampling for the memorization check failed (exit {code})")
     with np.load(next(out.rglob("*.npz"))) as f:
         samples = torch.from_numpy(f["images"]).double().reshape(len(f["images"]), -1)
-    real = sampling.checkpoint_data(sampling.load_denoiser(args.run)).real_images().double().flatten(1)
+    real = sampling.checkpoint_data(load_denoiser(args.run)).real_images().double().flatten(1)
 
     def rate(x: torch.Tensor, drop_self: bool) -> tuple[float, float]:
         d = torch.cdist(x, real)

@@ -137,7 +137,7 @@ def report(args: argparse.Namespace, floors: dict[str, float]) -> None:
             plot_lines[f"{name}_{metric}"] = ([(f"{name} heun/karras NFE {args.ref_nfe}", float(ref[metric]), "--")]
                                               if ref is not None else [])
     (Path(args.out) / "gmm_nfe.md").write_text("\n".join(text))
-    # one figure: rows exact / mlp, columns FD / RMSE (the panel helper makes one row, so tag the metric)
+    # one figure: a row per denoiser and metric, a panel per solver (tag each row's metric with its denoiser)
     tagged = [{**r, f"{r['denoiser']}_fd": r["fd"], f"{r['denoiser']}_rmse": r["rmse"]}
               for r in rows if int(r["nfe"]) in nfes]
     for name in ("exact", "mlp"):
@@ -150,7 +150,7 @@ def report(args: argparse.Namespace, floors: dict[str, float]) -> None:
         for p, _ in panels:
             r.setdefault(p, "")
     plot = plot_panels(tagged, panels, args.solvers, args.schedules, args.plot,
-                       title=f"64-d Gaussian mixture, {args.samples} samples", lines=plot_lines, ncols=2)
+                       title=f"64-d Gaussian mixture, {args.samples} samples", lines=plot_lines)
     print(f"wrote {Path(args.out) / 'gmm_nfe.md'} and {plot}")
 
 

@@ -17,7 +17,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
-SOLVER_COLORS = {"euler": "C0", "heun": "C1", "dpmpp_2m": "C2", "dpmpp_3m": "C3", "evodiff": "C4"}
 SCHEDULE_STYLES = ["-o", "--s", "-.^", ":D", "-v", "--x"]
 
 
@@ -97,41 +96,45 @@ def winners_markdown(rows: Sequence[dict], metric: str, nfes: Sequence[int], fmt
 
 def plot_panels(rows: Sequence[dict], panels: Sequence[tuple[str, str]], solvers: Sequence[str],
                 schedules: Sequence[str], path: str | Path, title: str = "",
-                lines: dict[str, Sequence[tuple[str, float, str | tuple]]] | None = None, ncols: int | None = None) -> Path:
-    """One panel per (metric, label); colour = solver, line style = schedule; log-log axes.
+                lines: dict[str, Sequence[tuple[str, float, str | tuple]]] | None = None) -> Path:
+    """One row of panels per (metric, label), one panel per solver; colour and marker = schedule; log-log axes,
+    the y axis shared along a row, one legend below the figure.
 
-    `lines[metric]` adds horizontal reference lines (label, value, matplotlib style) to that panel.
+    `lines[metric]` adds horizontal reference lines (label, value, matplotlib style) to that metric's panels.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ncols = ncols or len(panels)
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, 6.0 * nrows), squeeze=False)
-    for ax, (metric, label) in zip(axes.flat, panels):
-        nfes = set()
-        for s in solvers:
+    fig, axes = plt.subplots(len(panels), len(solvers), figsize=(3.1 * len(solvers), 2.9 * len(panels)),
+                             squeeze=False, sharey="row")
+    handles: dict[str, object] = {}
+    for row_axes, (metric, label) in zip(axes, panels):
+        for ax, s in zip(row_axes, solvers):
+            nfes = set()
             for i, c in enumerate(schedules):
                 rs = sorted((r for r in rows if r["solver"] == s and r["schedule"] == c
                              and not math.isnan(value(r, metric))), key=lambda r: int(r["nfe"]))
                 if not rs:
                     continue
                 nfes.update(int(r["nfe"]) for r in rs)
-                ax.loglog([int(r["nfe"]) for r in rs], [value(r, metric) for r in rs],
-                          SCHEDULE_STYLES[i % len(SCHEDULE_STYLES)], color=SOLVER_COLORS.get(s, "k"),
-                          ms=3.5, lw=1.1, label=f"{s} / {c}")
-        for text, v, style in (lines or {}).get(metric, ()):
-            if not math.isnan(v):
-                ax.axhline(v, color="k", ls=style, lw=1.0, label=text)
-        ax.set_xticks(sorted(nfes))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("NFE (denoiser calls per sample)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0, -1].legend(fontsize=6.5, ncol=2, loc="best")
+                (h,) = ax.loglog([int(r["nfe"]) for r in rs], [value(r, metric) for r in rs],
+                                 SCHEDULE_STYLES[i % len(SCHEDULE_STYLES)], color=f"C{i}", ms=3.5, lw=1.1)
+                handles.setdefault(c, h)
+            for text, v, style in (lines or {}).get(metric, ()):
+                if not math.isnan(v):
+                    handles.setdefault(text, ax.axhline(v, color="k", ls=style, lw=1.0))
+            ax.set_xticks(sorted(nfes))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(labelsize=7)
+            ax.set_title(s, fontsize=9)
+            ax.set_xlabel("NFE", fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+        row_axes[0].set_ylabel(label, fontsize=8)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+               frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) > 6), 1, 0.97 if title else 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

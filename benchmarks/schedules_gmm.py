@@ -3,7 +3,7 @@
 The two entropic schedules come from the mixture's exact (Rao-Blackwellised) MMSE curve. Every solver runs
 from the same x_T = 80 * N(0, I) with the exact denoiser, in float64, and is scored by the RMSE to the exact
 probability-flow ODE endpoint (mean over all entries, and the median of the per-sample RMSE) and by the
-Fréchet distance between Gaussians fitted to its samples and to fresh data (SPEC §4). Heun spends 2 NFE per
+Fréchet distance between Gaussians fitted to its samples and to fresh data (docs/method.md §4). Heun spends 2 NFE per
 step, so it runs NFE // 2 steps. Prints one table and writes three plots:
 
     docs/schedules_gmm_curves.png   the MMSE curve, q = lambda * m, and the level densities of the four grids
@@ -115,9 +115,9 @@ def print_table(rows: list[dict], floor: float, args: argparse.Namespace) -> Non
 def plot_curves(grid: Tensor, m: Tensor, learned: dict, args: argparse.Namespace, path: Path) -> None:
     fig, (ax_m, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax_m.loglog(grid, m, "k-", label="mixture MMSE m(σ) (per dim)")
-    # Gaussian data N(0, sigma_d^2 I): m = sigma^2 sigma_d^2 / (sigma^2 + sigma_d^2)  (SPEC §3)
+    # Gaussian data N(0, sigma_d^2 I): m = sigma^2 sigma_d^2 / (sigma^2 + sigma_d^2)  (docs/method.md §3)
     ax_m.loglog(grid, 1 / edm_loss_weight(grid, 0.5), "k:", label="N(0, 0.5² I) MMSE")
-    # q = lambda(sigma) m  (SPEC §3)
+    # q = lambda(sigma) m  (docs/method.md §3)
     ax_m.loglog(grid, edm_loss_weight(grid, 0.5) * m, "C4--", label="q = λ(σ)·m (σ_d = 0.5)")
     ax_m.set_xlabel("σ")
     ax_m.set_title("per-level error of the exact denoiser")
@@ -127,10 +127,10 @@ def plot_curves(grid: Tensor, m: Tensor, learned: dict, args: argparse.Namespace
     s = u.exp()
     for kind, sched in learned.items():
         r = sched.rate(s)
-        # normalised rate d tau / d ln sigma = rate / integral of rate over [sigma_min, sigma_max]  (SPEC §3)
+        # normalised rate d tau / d ln sigma = rate / integral of rate over [sigma_min, sigma_max]  (docs/method.md §3)
         density = r / torch.trapezoid(r, u)
         ax_r.semilogx(s, density, color=STYLE[kind], label=f"{kind}")
-    # Karras: tau = (sigma^(1/rho) - sigma_min^(1/rho)) / (sigma_max^(1/rho) - sigma_min^(1/rho)), rho = 7  (SPEC §1)
+    # Karras: tau = (sigma^(1/rho) - sigma_min^(1/rho)) / (sigma_max^(1/rho) - sigma_min^(1/rho)), rho = 7  (docs/method.md §1)
     lo, hi = args.sigma_min ** (1 / 7), args.sigma_max ** (1 / 7)
     ax_r.semilogx(s, s ** (1 / 7) / 7 / (hi - lo), color=STYLE["karras"], label="karras ρ=7")
     ax_r.semilogx(s, torch.full_like(s, 1 / (u[-1] - u[0])), color=STYLE["logsnr"], label="logsnr")

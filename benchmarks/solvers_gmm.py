@@ -3,7 +3,7 @@
 Table 1: every solver x schedule (karras, logsnr) x NFE from the same x_T = 80 * N(0, I) with the exact
 denoiser, in float64: RMSE to the exact probability-flow ODE endpoint (over all entries), the median of
 the per-sample RMSE, and the Fréchet distance between Gaussians fitted to the samples and to fresh data
-(SPEC §4); the floor line is fresh data against another fresh draw of the same size. Heun spends 2 NFE
+(docs/method.md §4); the floor line is fresh data against another fresh draw of the same size. Heun spends 2 NFE
 per step: it runs NFE / 2 steps and odd NFE are skipped.
 
 Table 2: wall time per step and per NFE of each solver around a small EDM-preconditioned DDPM++ U-Net

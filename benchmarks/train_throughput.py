@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evodiff_pl.config import load_config  # noqa: E402
+from evodiff_pl.config import EntropicConfig, load_config  # noqa: E402
 from evodiff_pl.ema import ema_beta, update_ema  # noqa: E402
 from evodiff_pl.training import build_data, network_kwargs  # noqa: E402
 from evodiff_pl.module import EDMModule  # noqa: E402
@@ -95,9 +95,8 @@ def main() -> None:
     net = EDMPrecond(build_network(cfg.model.network, **kwargs))
     n_params = sum(p.numel() for p in net.parameters())
     module = EDMModule(copy.deepcopy(net), EDMLoss(), sample_shape=dm.shape, num_classes=0, global_batch=args.batch,
-                       seed=0, lr=cfg.optim.lr, lr_rampup_images=cfg.optim.lr_rampup_images,
-                       ema_halflife_images=cfg.ema.halflife_images, ema_rampup_ratio=cfg.ema.rampup_ratio,
-                       schedule_every=10**9)
+                       seed=0, optim=OmegaConf.to_object(cfg.optim), ema=OmegaConf.to_object(cfg.ema),
+                       entropic=EntropicConfig(update_every_steps=10**9))
     dm.stream_from(0)
     plain_loader = dm.train_dataloader()
 

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, resume discovery and validation, and loading a denoiser for sampling.
+"""The checkpoint format, and reading it for sampling: locate, validate, load a denoiser, export its weights.
 
 Format (a Lightning checkpoint, loadable with `torch.load(..., weights_only=True)`):
 - `state_dict`: `net.*` the trained EDMPrecond (backbone under `net.backbone.*`), `ema.*` its EMA copy;
@@ -7,25 +7,21 @@ Format (a Lightning checkpoint, loadable with `torch.load(..., weights_only=True
   (`name`, `kwargs`: everything `evodiff_pl.networks.build_network` needs), `sigma_data`, `sigma_min`,
   `sigma_max`, `sample_shape`, `num_classes`, `data` (`name`, `stats_key`), `images_seen`,
   `batches_seen`, `global_step`, `tracker`, `schedule` (`EntropicSchedule.to_dict()` or None), `rng`.
-`load_denoiser` rebuilds the (EMA) denoiser and its schedule from this without the training code.
+`load_denoiser` rebuilds the (EMA) denoiser and its schedule from this without Lightning or the training
+code; the training side (resume rules, the Lightning plugin and callback) is `evodiff_pl.resume`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from evodiff_pl.entropic import EntropicSchedule
+from evodiff_pl.fileio import atomic_write
 from evodiff_pl.networks import build_network
 from evodiff_pl.precond import EDMPrecond
 
@@ -33,59 +29,10 @@ CHECKPOINT_KEY = "evodiff"
 FORMAT = "evodiff-pl/checkpoint"
 VERSION = 1
 HPC_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
-COMPARED_SECTIONS = ("model", "data", "entropic.n_bins", "entropic.ema_decay")
-"""Config entries that must match between a checkpoint and the run resuming it."""
-FREE_KEYS = ("data.batch_size", "data.num_workers")
-"""Entries of the compared sections that may change on resume (schedules are counted in images)."""
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: unreadable, not ours, or made for another model or dataset."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through `write(file)` into a temporary file in the same folder, fsync it, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """`atomic_write` for a text file."""
-    atomic_write(path, lambda f: f.write(text), mode="w")
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    """Copy a file atomically (temporary file in the destination folder, fsync, rename)."""
-    with open(src, "rb") as f_src:
-        atomic_write(dst, lambda f: shutil.copyfileobj(f_src, f))
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning CheckpointIO that never leaves a partial file: temp file in the same folder, fsync, os.replace."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -108,38 +55,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def _flatten(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
-    else:
-        yield prefix, d
-
-
-def _select(cfg: dict[str, Any], dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def check_compatible(ckpt: dict[str, Any], path: str | Path, config: dict[str, Any]) -> None:
-    """CheckpointError if the model, data or tracker settings of `config` differ from the checkpoint's."""
-    saved = ckpt[CHECKPOINT_KEY]["config"]
-    diffs = []
-    for section in COMPARED_SECTIONS:
-        old = dict(_flatten(_select(saved, section), section))
-        new = dict(_flatten(_select(config, section), section))
-        for key in sorted(set(old) | set(new)):
-            if key not in FREE_KEYS and old.get(key, "<unset>") != new.get(key, "<unset>"):
-                diffs.append(f"{key}: checkpoint {old.get(key, '<unset>')!r}, config {new.get(key, '<unset>')!r}")
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {path} does not match the config ({'; '.join(diffs)}). It was left untouched: use the "
-            "checkpoint's settings (its config.yaml), or another run.dir to start a new run"
-        )
-
-
 def _stored_step(path: Path) -> int:
     return int(read_checkpoint(path)["global_step"])
 
@@ -159,21 +74,6 @@ def newest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     if not candidates:
         return None
     return max(candidates, key=lambda p: (_stored_step(p), p.stat().st_mtime_ns))
-
-
-def resume_checkpoint(resume: str, ckpt_dir: str | Path, config: dict[str, Any]) -> Path | None:
-    """The checkpoint to resume from for `run.resume` (auto | never | path), validated against `config`."""
-    if resume == "never":
-        existing = checkpoint_candidates(ckpt_dir)
-        if existing:
-            raise CheckpointError(f"run.resume=never but {existing[0]} exists; it is never overwritten: choose another "
-                                  "run.dir or run.resume=auto to continue that run")
-        return None
-    path = newest_checkpoint(ckpt_dir) if resume == "auto" else Path(resume)
-    if path is None:
-        return None
-    check_compatible(read_checkpoint(path), path, config)
-    return path
 
 
 @dataclass
@@ -243,31 +143,3 @@ def export_weights(src: str | Path, dst: str | Path, *, ema: bool = True) -> Pat
     dst = Path(dst)
     atomic_write(dst, lambda f: torch.save({"state_dict": state, CHECKPOINT_KEY: ckpt[CHECKPOINT_KEY]}, f))
     return dst
-
-
-def write_schedule(schedule: EntropicSchedule, path: str | Path) -> None:
-    """Write the schedule as `EntropicSchedule.save` does, atomically (readable with `EntropicSchedule.load`)."""
-    atomic_write_text(path, json.dumps(schedule.to_dict(), indent=1) + "\n")
-
-
-class PeriodicCheckpoint(L.Callback):
-    """Writes `last.ckpt` every `every_steps` optimizer steps and at the last step (all ranks take part, rank 0
-    writes), and keeps a copy `step-N.ckpt` every `keep_every_steps` steps (0: none)."""
-
-    def __init__(self, ckpt_dir: str | Path, every_steps: int, keep_every_steps: int = 0) -> None:
-        self.ckpt_dir = Path(ckpt_dir)
-        self.every_steps = every_steps
-        self.keep_every_steps = keep_every_steps
-        self._saved_step = -1
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        keep = self.keep_every_steps > 0 and step % self.keep_every_steps == 0
-        due = step % self.every_steps == 0 or step >= trainer.max_steps or keep
-        if step == 0 or step == self._saved_step or not due:
-            return
-        self._saved_step = step
-        last = self.ckpt_dir / "last.ckpt"
-        trainer.save_checkpoint(last, weights_only=False)
-        if keep and trainer.is_global_zero:
-            atomic_copy(last, self.ckpt_dir / f"step-{step}.ckpt")

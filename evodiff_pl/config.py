@@ -188,13 +188,16 @@ POSITIVE: tuple[str, ...] = (
 """Keys that must be > 0."""
 
 
+def did_you_mean(value: str, valid: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of `valid` (in the order given), or '' when none is close."""
+    close = difflib.get_close_matches(value, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def suggest(key: str, valid: typing.Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest valid key, or the list of valid keys when none is close."""
     valid = sorted(valid)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    return f" (valid keys: {', '.join(valid)})"
+    return did_you_mean(key, valid) or f" (valid keys: {', '.join(valid)})"
 
 
 def _type_name(hint: Any) -> str:
@@ -281,9 +284,7 @@ def _check_values(cfg: DictConfig) -> None:
         if key == "run.resume" and value not in allowed:
             continue
         if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{hint}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}")
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")

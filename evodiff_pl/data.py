@@ -9,20 +9,12 @@ are kept out of training; the validation loss is measured on them, so it can sho
 `real_images()` and the statistics key then refer to the remaining samples. For the digits, `holdout=450` holds
 out exactly the test split of `evodiff_pl.classifier.digits_split`.
 
-Data order and resume: epoch e of the train loader visits the permutation drawn from (seed, e)
-(`EpochShuffleSampler`). Lightning calls `set_epoch` on it at the start of every epoch, also
-through the DistributedSamplerWrapper it injects under DDP (which only shards this permutation
-over ranks), so a resumed run sees the same epochs as an uninterrupted one. A checkpoint taken
-mid-epoch restores the epoch, not the position inside it: a plain DataLoader has no iterator
-state, so Lightning restarts that epoch's permutation from its first batch and ends the epoch
-after the batches that were still due; every later epoch matches the uninterrupted run.
-
-Streaming mode (`stream_from(position)`, used by train.py): the train loader is an endless stream of
-global batches, the same for any number of processes. The epochs above are concatenated, `batch_size`
-is the global batch and process r of W takes global positions start + r, start + r + W, ...
-(`InfiniteSampler`), so rank r's sample k of a batch is the batch's sample k*W + r. The stream starts
-at any sample position, so a resumed run continues exactly where the checkpoint left off. Lightning
-must not shard it (`Trainer(use_distributed_sampler=False)`).
+Data order and resume: the train loader is an endless stream of global batches, the same for any number of
+processes. The stream visits the permutations of epochs 0, 1, ... (epoch e: the permutation drawn from
+(seed, e)), `batch_size` is the global batch and process r of W takes global positions start + r,
+start + r + W, ... (`InfiniteSampler`), so rank r's sample k of a batch is the batch's sample k*W + r. The
+stream starts at any sample position (`stream_from`), so a resumed run continues exactly where the checkpoint
+left off. Lightning must not shard it (`Trainer(use_distributed_sampler=False)`).
 """
 
 from __future__ import annotations
@@ -30,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 from urllib.error import URLError
 
 import lightning as L
@@ -46,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
+from evodiff_pl.images import from_uint8, to_uint8
+from evodiff_pl.seeding import derive_seed
 from evodiff_pl.toy import GaussianMixture
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -57,48 +51,13 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset is not on disk and could not be obtained; the message says how to provide it."""
 
 
-def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] float -> uint8 in [0, 255], the quantisation of saved images (EDM generate.py)."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-
-def _from_uint8(x: Tensor) -> Tensor:
-    """uint8 -> float32 in [-1, 1]; `to_uint8` inverts it exactly."""
-    return x.to(torch.float32) / 127.5 - 1
-
-
 def default_data_root() -> Path:
     """$EVODIFF_DATA if set, else ~/.cache/evodiff-pl/data."""
     return Path(os.environ.get("EVODIFF_DATA", "~/.cache/evodiff-pl/data")).expanduser()
 
 
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed mixing `keys` (SeedSequence), so that nearby key tuples give unrelated streams."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """Random permutation of range(n) that depends only on (seed, epoch); Lightning sets the epoch."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n = n
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of `epoch` for the next iteration."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
 class InfiniteSampler(Sampler[int]):
-    """Endless index stream: the permutations of epochs 0, 1, ... (as `EpochShuffleSampler`) concatenated;
+    """Endless index stream: the permutations of epochs 0, 1, ... (epoch e drawn from (seed, e)) concatenated;
     process `rank` of `world_size` takes global positions start + rank, start + rank + world_size, ..."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
@@ -141,7 +100,7 @@ class _Images(Dataset):
         n = len(self.base)
         x, y = self.base[i % n]
         if x.dtype == torch.uint8:
-            x = _from_uint8(x)
+            x = from_uint8(x)
         return (x.flip(-1) if i >= n else x), y
 
 
@@ -158,8 +117,7 @@ class DiffusionDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, holdout: int = 0) -> None:
         """
         Args:
-            batch_size: samples per batch and per process (the global batch is batch_size * world size);
-                in streaming mode (`stream_from`) the global batch.
+            batch_size: the global batch, split evenly over the processes.
             num_workers: DataLoader worker processes; 0 (load in the main process) suits the
                 in-memory datasets, raise it for image_folder.
             seed: seed of the data order (see the module docstring).
@@ -178,7 +136,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.num_classes = 0
         self._data: Dataset | None = None
         self._heldout: Dataset | None = None
-        self._stream_start: int | None = None
+        self._stream_start = 0
 
     def _load(self) -> Dataset:
         """The un-augmented dataset of (x, label), x uint8 or float32 in [-1, 1] (images) or float32 (vectors)."""
@@ -236,12 +194,14 @@ class DiffusionDataModule(L.LightningDataModule):
         )
 
     def stream_from(self, position: int = 0) -> None:
-        """Switch `train_dataloader()` to streaming mode (module docstring), starting at global sample `position`."""
+        """Start the training stream (module docstring) at global sample `position` (a resumed run's images seen)."""
         if position < 0:
             raise ValueError(f"position must be >= 0, got {position}")
         self._stream_start = position
 
-    def _stream(self, dataset: Dataset) -> DataLoader:
+    def train_dataloader(self) -> DataLoader:
+        """The endless global-batch stream from the `stream_from` position, already split over processes."""
+        dataset = self.view(augment=True)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         if self.batch_size % world:
             raise ValueError(f"batch_size={self.batch_size} (the global batch) is not divisible by {world} processes")
@@ -249,20 +209,6 @@ class DiffusionDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size // world,
             sampler=InfiniteSampler(len(dataset), self.seed, rank, world, start=self._stream_start),
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded per epoch), drop_last; Lightning shards it across processes. In streaming mode
-        (`stream_from`): the endless global-batch stream, already split over processes."""
-        dataset = self.view(augment=True)
-        if self._stream_start is not None:
-            return self._stream(dataset)
-        return self._loader(
-            dataset,
-            sampler=EpochShuffleSampler(len(dataset), self.seed),
-            drop_last=True,
-            # Own generator: worker seeds are reproducible and the global RNG is left untouched.
             generator=torch.Generator().manual_seed(self.seed),
         )
 
@@ -555,3 +501,11 @@ def build_datamodule(name: str, **kwargs) -> DiffusionDataModule:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](**kwargs)
+
+
+def build_from_config(data: Mapping[str, Any], seed: int) -> DiffusionDataModule:
+    """The datamodule of a `data` config section (`name` plus its options), seeded by `seed` unless it sets one."""
+    kwargs = dict(data)
+    name = kwargs.pop("name")
+    kwargs.setdefault("seed", seed)
+    return build_datamodule(name, **kwargs)

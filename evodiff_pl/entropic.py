@@ -1,4 +1,4 @@
-"""Entropic-time sampling schedules learned from a denoiser's per-level error (SPEC §3).
+"""Entropic-time sampling schedules learned from a denoiser's per-level error (docs/method.md §3).
 
 Three parts, one per source of the error curve:
 
@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from evodiff_pl.dist import all_reduce, world
+from evodiff_pl.fileio import atomic_write_json
 from evodiff_pl.schedules import get_sigmas
 
 __all__ = ["KINDS", "SigmaBinnedLoss", "EntropicSchedule", "edm_loss_weight", "estimate_mmse"]
@@ -38,7 +40,7 @@ _N_GRID = 4096
 
 def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
     """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma * sigma_d)^2, the EDM loss weight (= 1 / c_out^2)."""
-    # Karras et al. 2022, eq. (8) / Table 1; SPEC §1
+    # Karras et al. 2022, eq. (8) / Table 1; docs/method.md §1
     return (sigma.square() + sigma_data**2) / (sigma * sigma_data).square()
 
 
@@ -65,23 +67,6 @@ def _strictly_decreasing(sigmas: Tensor) -> Tensor:
     if not bool((s[1:] < s[:-1]).all()):
         raise ValueError(f"cannot place {s.numel()} distinct float64 levels in [{s[-1].item()}, {s[0].item()}]")
     return s
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce(t: Tensor, op: dist.ReduceOp) -> Tensor:
-    """All-reduce a copy of t (on a CUDA device when the backend is NCCL) and return it on t's device."""
-    dev = t.device
-    if dist.get_backend() == "nccl" and dev.type != "cuda":
-        dev = torch.device("cuda", torch.cuda.current_device())
-    buf = t.to(dev, copy=True)
-    dist.all_reduce(buf, op=op)
-    return buf.to(t.device)
 
 
 class SigmaBinnedLoss:
@@ -155,7 +140,7 @@ class SigmaBinnedLoss:
         valid = (log_sigma >= self._lo) & (log_sigma <= self._hi)
         pos = torch.where(valid, (log_sigma - self._lo) / self._width, torch.zeros_like(log_sigma))
         idx = pos.floor().clamp(0, self.n_bins - 1).long()
-        # q = lambda(sigma) * MSE, the EDM loss per sample (SPEC §3)
+        # q = lambda(sigma) * MSE, the EDM loss per sample (docs/method.md §3)
         q = torch.where(valid, weight * mse, torch.zeros_like(mse))
         if self.ema_decay is not None:
             self._pending_sum.mul_(self.ema_decay)
@@ -169,12 +154,12 @@ class SigmaBinnedLoss:
         """All-reduce (SUM) the pending statistics over ranks and fold them in; call on every rank."""
         steps = self._pending_steps
         pending = torch.cat([self._pending_sum, self._pending_count])
-        if _world()[1] > 1:
-            bounds = _all_reduce(torch.tensor([steps, -steps], dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+        if world()[1] > 1:
+            bounds = all_reduce(torch.tensor([steps, -steps], dtype=torch.float64), dist.ReduceOp.MAX).tolist()
             if bounds[0] != -bounds[1]:
                 raise RuntimeError(f"SigmaBinnedLoss.update was called {-bounds[1]:.0f} to {bounds[0]:.0f} times "
                                    "per rank since the last sync; every rank must update once per step")
-            pending = _all_reduce(pending, dist.ReduceOp.SUM)
+            pending = all_reduce(pending, dist.ReduceOp.SUM)
         if self.ema_decay is not None:
             self._sum.mul_(self.ema_decay**steps)
             self._count.mul_(self.ema_decay**steps)
@@ -186,7 +171,7 @@ class SigmaBinnedLoss:
         self._pending_steps = 0
 
     def _synced(self) -> tuple[Tensor, Tensor]:
-        if _world()[1] == 1 and self._pending_steps:
+        if world()[1] == 1 and self._pending_steps:
             self.sync()
         return self._sum.cpu(), self._count.cpu()
 
@@ -224,7 +209,7 @@ class SigmaBinnedLoss:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors (CPU) and config; with several ranks, `sync()` must have been called on every rank."""
-        if _world()[1] > 1 and self._pending_steps:
+        if world()[1] > 1 and self._pending_steps:
             raise RuntimeError("SigmaBinnedLoss has unsynced statistics: call sync() on every rank before state_dict()")
         names = ("sum", "count", "pending_sum", "pending_count")
         tensors = {k: b.cpu().clone() for k, b in zip(names, self._buffers())}
@@ -251,7 +236,7 @@ class SigmaBinnedLoss:
 
 
 class EntropicSchedule:
-    """A learned (rescaled) entropic-time schedule from a per-level error curve (Stancevic et al. 2025; SPEC §3).
+    """A learned (rescaled) entropic-time schedule from a per-level error curve (Stancevic et al. 2025; docs/method.md §3).
 
     The curve is q at strictly increasing ln sigma nodes; q is interpolated linearly in ln sigma and held
     constant beyond the nodes, m = q / lambda(sigma), and the schedule's rate per unit ln sigma is
@@ -324,7 +309,7 @@ class EntropicSchedule:
         if not bool((torch.isfinite(m) & (m > 0)).all()):
             raise ValueError("mmse_per_dim must be finite and > 0")
         info = {"method": "mmse", "n_levels": sigmas.numel(), **(source or {})}
-        # q = lambda(sigma) * m  (SPEC §3)
+        # q = lambda(sigma) * m  (docs/method.md §3)
         q = edm_loss_weight(sigmas, sigma_data) * m
         return cls(sigmas.log(), q, kind=kind, sigma_data=sigma_data, dim=dim,
                    sigma_range=(sigmas[0].item(), sigmas[-1].item()), source=info)
@@ -383,13 +368,13 @@ class EntropicSchedule:
     def mmse(self, sigma: Tensor | float) -> Tensor:
         """Per-dimension MMSE m(sigma) = q(ln sigma) / lambda(sigma) of the stored curve, float64."""
         s = torch.as_tensor(sigma, dtype=torch.float64)
-        # m = q / lambda(sigma)  (SPEC §3)
+        # m = q / lambda(sigma)  (docs/method.md §3)
         return _interp(s.log(), self.log_sigma, self.q) / edm_loss_weight(s, self.sigma_data)
 
     def rate(self, sigma: Tensor | float) -> Tensor:
         """dH/d ln sigma = dim m/sigma^2 (entropic) or dR/d ln sigma = dim m/sigma (rescaled); dim = 1 if None."""
         s = torch.as_tensor(sigma, dtype=torch.float64)
-        # SPEC §3: dH/dln sigma = dim m / sigma^2, dR/dln sigma = dim m / sigma
+        # docs/method.md §3: dH/dln sigma = dim m / sigma^2, dR/dln sigma = dim m / sigma
         r = self.mmse(s) / (s.square() if self.kind == "entropic" else s)
         return r * (self.dim or 1)
 
@@ -403,7 +388,7 @@ class EntropicSchedule:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         u = torch.linspace(math.log(sigma_min), math.log(sigma_max), _N_GRID, dtype=torch.float64)
         r = self.rate(u.exp())
-        # cumulative trapezoid of the rate in ln sigma, normalised to [0, 1]  (SPEC §3)
+        # cumulative trapezoid of the rate in ln sigma, normalised to [0, 1]  (docs/method.md §3)
         t = torch.cat([r.new_zeros(1), torch.cumsum(0.5 * (r[1:] + r[:-1]) * u.diff(), 0)])
         return u, t / t[-1]
 
@@ -449,8 +434,8 @@ class EntropicSchedule:
                    source=d["source"])
 
     def save(self, path: str | Path) -> None:
-        """Write the schedule as a small JSON file."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write the schedule as a small JSON file, atomically."""
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "EntropicSchedule":
@@ -500,9 +485,9 @@ def estimate_mmse(
         raise ValueError(f"data has {labels.shape[0]} labels for n_pairs={n_pairs} samples")
     noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
     dim = x0[0].numel()
-    rank, world = _world()
+    rank, world_size = world()
     device = torch.device(device) if device is not None else x0.device
-    mine = torch.arange(rank, n_pairs, world)
+    mine = torch.arange(rank, n_pairs, world_size)
     x0, noise = x0[mine].to(device), noise[mine].to(device)
     labels = labels[:n_pairs][mine].to(device) if labels is not None else None
     sigmas = get_sigmas("karras", n_levels - 1, sigma_min, sigma_max)
@@ -511,11 +496,11 @@ def estimate_mmse(
         for start in range(0, x0.shape[0], batch_size):
             x, eps = x0[start : start + batch_size], noise[start : start + batch_size]
             sigma = torch.full((x.shape[0],), sigmas[k].item(), dtype=x.dtype, device=device)
-            # x_sigma = x0 + sigma * eps  (SPEC, notation)
+            # x_sigma = x0 + sigma * eps  (docs/method.md §0)
             cond = () if labels is None else (labels[start : start + batch_size],)
             d = denoiser(x + sigmas[k].item() * eps, sigma, *cond)
             totals[k] += (d.to(torch.float64) - x.to(torch.float64)).square().sum()
-    if world > 1:
-        totals = _all_reduce(totals, dist.ReduceOp.SUM)
-    # m(sigma) = E||D(x_sigma, sigma) - x0||^2 / dim  (SPEC §3)
+    if world_size > 1:
+        totals = all_reduce(totals, dist.ReduceOp.SUM)
+    # m(sigma) = E||D(x_sigma, sigma) - x0||^2 / dim  (docs/method.md §3)
     return sigmas, totals.cpu() / (n_pairs * dim)

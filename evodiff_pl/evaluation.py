@@ -14,8 +14,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from evodiff_pl.data import to_uint8
-from evodiff_pl.generate import EvalSpec, generate, rank_indices, save_grid
+from evodiff_pl.generate import EvalSpec, generate, rank_indices
+from evodiff_pl.images import save_grid, to_uint8
 from evodiff_pl.metrics import FrechetScore, build_extractor
 
 log = logging.getLogger(__name__)

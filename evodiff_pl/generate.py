@@ -1,4 +1,4 @@
-"""The one generation code path: per-index seeds, strided rank shares, evaluation specs, sample grids.
+"""The one generation code path: per-index seeds, strided rank shares, evaluation specs.
 
 Sample j of a run with base seed s draws its initial noise and its class label from a CPU
 `torch.Generator` seeded with s + j, so an image depends only on (j, s): never on the batch size,
@@ -9,14 +9,11 @@ the number of processes or the device. The validation callback (`evodiff_pl.eval
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from evodiff_pl.schedules import SCHEDULES, LearnedSchedule, get_sigmas
@@ -174,19 +171,3 @@ class EvalSpec:
         """The n_steps + 1 levels; `schedule` (the learned schedule) is used only by learned schedules."""
         options = {"schedule": schedule} if self.needs_schedule else {}
         return get_sigmas(self.schedule, self.n_steps, sigma_min=sigma_min, sigma_max=sigma_max, **options)
-
-
-def save_grid(images_uint8: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Write uint8 images (N, C, H, W) as one PNG grid (nrow images per row, default about sqrt(N)).
-
-    scale: enlarge every pixel to a scale x scale block (nearest neighbour), so tiny images stay legible.
-    """
-    if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
-        raise ValueError(f"expected uint8 images (N, C, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = nrow or math.ceil(math.sqrt(len(images_uint8)))
-    images_uint8 = images_uint8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    # k / 255 * 255 + 0.5 truncates back to k in save_image: the PNG holds the uint8 values exactly.
-    save_image(images_uint8.float() / 255, path, nrow=nrow)
-    return path

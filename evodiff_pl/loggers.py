@@ -23,8 +23,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
-from evodiff_pl.checkpointing import atomic_write_text, write_schedule
 from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss, edm_loss_weight
+from evodiff_pl.fileio import atomic_write_text
 from evodiff_pl.schedules import karras
 
 RUN_ID_FILE = "wandb_run_id"
@@ -130,7 +130,7 @@ def plot_loss_curve(tracker: SigmaBinnedLoss) -> Figure:
     fig = Figure(figsize=(6, 5.5))
     ax_q, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     ax_q.loglog(sigma, q, "o-", ms=3, label="q = λ(σ)·MSE (loss)")
-    # m = q / λ(σ)  (SPEC §3)
+    # m = q / λ(σ)  (docs/method.md §3)
     ax_q.loglog(sigma, q / edm_loss_weight(sigma, tracker.sigma_data), "s-", ms=3, label="MSE in x0 space")
     ax_q.set_ylabel("per-dimension error")
     ax_q.legend()
@@ -179,7 +179,7 @@ class ScheduleArtifacts(L.Callback):
             return
         self._written = version
         if trainer.is_global_zero:
-            write_schedule(pl_module.entropic_schedule, self.run_dir / "schedule.json")
+            pl_module.entropic_schedule.save(self.run_dir / "schedule.json")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

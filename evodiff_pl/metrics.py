@@ -19,6 +19,7 @@ must call `compute()`. Keep the score out of the LightningModule: its state_dict
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -27,11 +28,13 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
-from evodiff_pl.data import to_uint8
+from evodiff_pl.dist import all_reduce_sum_sync
+from evodiff_pl.fileio import atomic_write
+from evodiff_pl.images import to_uint8
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -151,13 +154,6 @@ def _fingerprint(extractor: nn.Module) -> str:
     return h.hexdigest()[:10]
 
 
-def _all_reduce_sum(x: Tensor, group: dist.ProcessGroup | None = None) -> list[Tensor]:
-    """torchmetrics `dist_sync_fn` for sum-reduced states: one all_reduce, not an all_gather of world_size copies."""
-    out = x.clone()
-    dist.all_reduce(out, group=group)
-    return [out]
-
-
 class RealData(Protocol):
     """What the reference statistics are computed from (the datamodules of `evodiff_pl.data`)."""
 
@@ -205,7 +201,7 @@ class FrechetScore:
         self.batch_size = batch_size
         self.stats_dir = Path(stats_dir).expanduser() if stats_dir is not None else default_stats_dir()
         self.metric = FrechetInceptionDistance(
-            feature=extractor, reset_real_features=False, normalize=False, dist_sync_fn=_all_reduce_sum
+            feature=extractor, reset_real_features=False, normalize=False, dist_sync_fn=all_reduce_sum_sync
         )
 
     @property
@@ -254,7 +250,7 @@ class FrechetScore:
     def prepare_real(self, data: RealData, *, rank: int = 0) -> Path:
         """Load (or compute and cache) the reference statistics into the metric on rank 0; zeros elsewhere.
 
-        Rank 0 writes the cache atomically (temporary file + os.replace). Returns the cache path.
+        Rank 0 writes the cache atomically (`evodiff_pl.fileio`). Returns the cache path.
         """
         path = self.cache_path(data.stats_key())
         if rank != 0:
@@ -264,10 +260,7 @@ class FrechetScore:
             self.load_real(path)
             return path
         stats = self._extract_real(data.real_images(max_n=self.num_real))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save({**stats, "stats_key": data.stats_key(), "feature": self.feature_name}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save({**stats, "stats_key": data.stats_key(), "feature": self.feature_name}, f))
         return path
 
     def load_real(self, path: str | os.PathLike, *, rank: int = 0) -> None:
@@ -290,7 +283,8 @@ class FrechetScore:
         """The distance over every rank's samples; call it on every rank (it synchronises)."""
         try:
             return float(self.metric.compute())
-        finally:
+        except BaseException:
             # A failing compute leaves torchmetrics' state synced (summed over ranks): restore the local state.
-            if self.metric._is_synced:
+            with contextlib.suppress(TorchMetricsUserError):  # raised when it was not synced
                 self.metric.unsync()
+            raise

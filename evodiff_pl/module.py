@@ -18,23 +18,24 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from evodiff_pl.checkpointing import CHECKPOINT_KEY, FORMAT, VERSION
-from evodiff_pl.data import derive_seed
+from evodiff_pl.config import EMAConfig, EntropicConfig, OptimConfig, TrainConfig
+from evodiff_pl.dist import world
 from evodiff_pl.ema import ema_beta, update_ema
 from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss
-from evodiff_pl.precond import EDMLoss, EDMPrecond
+from evodiff_pl.precond import EDMLoss, EDMPrecond, LossOutput
+from evodiff_pl.seeding import derive_seed, rng_state, set_rng_state
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -45,26 +46,6 @@ def lr_at(images_seen: int, lr: float, rampup_images: int) -> float:
     """Learning rate after `images_seen` images."""
     # EDM training_loop.py: lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
     return lr * min(images_seen / max(rampup_images, 1e-8), 1.0)
-
-
-def _rng_state() -> dict[str, Any]:
-    """torch (CPU and CUDA), NumPy and Python RNG states as tensors and plain containers (weights_only-safe)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
 
 
 class EDMModule(L.LightningModule):
@@ -83,20 +64,11 @@ class EDMModule(L.LightningModule):
         num_classes: int,
         global_batch: int,
         seed: int,
-        sigma_min: float = 0.002,
-        sigma_max: float = 80.0,
-        lr: float = 1e-3,
-        betas: Sequence[float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        lr_rampup_images: int = 10_000_000,
-        ema_halflife_images: float = 500_000,
-        ema_rampup_ratio: float | None = 0.05,
-        tracker_bins: int = 64,
-        tracker_ema_decay: float | None = None,
-        schedule_kind: str = "rescaled_entropic",
-        schedule_every: int = 100,
-        max_nonfinite_steps: int = 10,
-        nan_loss_steps: Sequence[int] = (),
+        sigma_range: tuple[float, float] = (0.002, 80.0),
+        optim: OptimConfig | None = None,
+        ema: EMAConfig | None = None,
+        entropic: EntropicConfig | None = None,
+        train: TrainConfig | None = None,
         checkpoint_dir: str | Path | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
@@ -106,21 +78,16 @@ class EDMModule(L.LightningModule):
             loss: the EDM loss (σ distribution and λ(σ)).
             sample_shape: shape of one sample, e.g. (C, H, W) or (D,).
             num_classes: 0 for unconditional training, else labels are fed to the network.
-            global_batch: samples per optimizer step over all processes.
+            global_batch: samples per optimizer step over all processes (`data.batch_size`).
             seed: run seed; the σ and noise of batch i come from derive_seed(seed, i).
-            sigma_min, sigma_max: the noise range of the tracker bins and of sampling.
-            lr, betas, eps: Adam.
-            lr_rampup_images: linear learning-rate warm-up, in images.
-            ema_halflife_images, ema_rampup_ratio: EDM's EMA schedule, in images.
-            tracker_bins, tracker_ema_decay: the σ-binned loss tracker.
-            schedule_kind: "rescaled_entropic" or "entropic".
-            schedule_every: rebuild the schedule every this many batches (and at the end of training).
-            max_nonfinite_steps: consecutive skipped steps tolerated before stopping.
-            nan_loss_steps: testing aid: batches whose loss is replaced by NaN.
+            sigma_range: (sigma_min, sigma_max), the noise range of the tracker bins and of sampling.
+            optim, ema, entropic, train: the config sections of those names (`evodiff_pl.config`; defaults if None):
+                Adam and its warm-up, EDM's EMA schedule, the tracker and its schedule, the non-finite-step limit.
             checkpoint_dir: where the checkpoint written before a non-finite stop goes.
             meta: stored verbatim in every checkpoint (resolved config, network and data description).
         """
         super().__init__()
+        optim, ema, entropic, train = optim or OptimConfig(), ema or EMAConfig(), entropic or EntropicConfig(), train or TrainConfig()
         self.automatic_optimization = False
         self.net = net
         self.ema = copy.deepcopy(net).requires_grad_(False).eval()
@@ -129,19 +96,19 @@ class EDMModule(L.LightningModule):
         self.num_classes = int(num_classes)
         self.global_batch = int(global_batch)
         self.seed = int(seed)
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        self.adam = {"lr": float(lr), "betas": tuple(float(b) for b in betas), "eps": float(eps)}
-        self.lr_rampup_images = lr_rampup_images
-        self.ema_halflife_images = ema_halflife_images
-        self.ema_rampup_ratio = ema_rampup_ratio
-        self.tracker = SigmaBinnedLoss(sigma_min, sigma_max, n_bins=tracker_bins, ema_decay=tracker_ema_decay,
-                                       sigma_data=net.sigma_data)
-        self.schedule_kind = schedule_kind
-        self.schedule_every = schedule_every
+        self.sigma_min, self.sigma_max = float(sigma_range[0]), float(sigma_range[1])
+        self.adam = {"lr": float(optim.lr), "betas": tuple(float(b) for b in optim.betas), "eps": float(optim.eps)}
+        self.lr_rampup_images = optim.lr_rampup_images
+        self.ema_halflife_images = ema.halflife_images
+        self.ema_rampup_ratio = ema.rampup_ratio
+        self.tracker = SigmaBinnedLoss(self.sigma_min, self.sigma_max, n_bins=entropic.n_bins,
+                                       ema_decay=entropic.ema_decay, sigma_data=net.sigma_data)
+        self.schedule_kind = entropic.kind
+        self.schedule_every = entropic.update_every_steps
         self.entropic_schedule: EntropicSchedule | None = None
         self.schedule_version = 0
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.nan_loss_steps = frozenset(nan_loss_steps)
+        self.max_nonfinite_steps = train.max_nonfinite_steps
+        self.nan_loss_steps = frozenset(train.nan_loss_steps)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.meta = dict(meta or {})
         self.images_seen = 0
@@ -159,9 +126,6 @@ class EDMModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), **self.adam)
 
-    def _world(self) -> tuple[int, int]:
-        return (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-
     def draw_noise(self, batch_index: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(σ, noise) of the whole global batch `batch_index`, identical on every rank; rank r uses [r::world]."""
         g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, batch_index))
@@ -172,37 +136,38 @@ class EDMModule(L.LightningModule):
     def _all_reduce_sum(self, t: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum")
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x0, labels = batch
-        opt = self.optimizers()
-        rank, world = self._world()
-        if x0.shape[0] * world != self.global_batch:
-            raise ValueError(f"got {x0.shape[0]} samples per process x {world} processes, expected the global batch "
-                             f"{self.global_batch}: train with the datamodule built by evodiff_pl.training")
-        batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
-        sigma, noise = batch_sigmas[rank::world], batch_noise[rank::world]
-        out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
-        per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
-        # The batch's loss is the mean over the global batch: DDP averages the per-rank means (equal batches).
-        self.manual_backward(per_sample.mean())
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The GradScaler of 16-mixed precision, None otherwise."""
+        plugin = self.trainer.precision_plugin
+        return plugin.scaler if isinstance(plugin, MixedPrecision) else None
+
+    def _reduce_step(self, per_sample: Tensor) -> tuple[float, float, float]:
+        """(loss sum, non-finite per-sample losses, gradient norm) over all ranks: the same numbers on every rank."""
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
         local = torch.stack([per_sample.detach().sum().double(), (~per_sample.detach().isfinite()).sum().double()])
         loss_sum, n_bad, grad_norm = torch.cat([self._all_reduce_sum(local), grad_norm.double().reshape(1)]).tolist()
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return loss_sum, n_bad, grad_norm
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, labels = batch
+        rank, world_size = world()
+        if x0.shape[0] * world_size != self.global_batch:
+            raise ValueError(f"got {x0.shape[0]} samples per process x {world_size} processes, expected the global "
+                             f"batch {self.global_batch}: train with the datamodule built by evodiff_pl.training")
+        batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
+        sigma, noise = batch_sigmas[rank::world_size], batch_noise[rank::world_size]
+        out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
+        per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
+        # The batch's loss is the mean over the global batch: DDP averages the per-rank means (equal batches).
+        self.manual_backward(per_sample.mean())
+        loss_sum, n_bad, grad_norm = self._reduce_step(per_sample)
+        scaler = self._grad_scaler()
         skip = n_bad > 0 or not math.isfinite(loss_sum) or (scaler is None and not math.isfinite(grad_norm))
         lr = lr_at(self.images_seen, self.adam["lr"], self.lr_rampup_images)
         scale = scaler.get_scale() if scaler is not None else 1.0
-        if not skip:
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if not skip and (scaler is None or scaler.get_scale() >= scale):
-            beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
-            update_ema(self.ema, self.net, beta)
-            self.tracker.update(out.sigma, out.mse, out.weight)
-            self.nonfinite_streak = 0
+        if self._optimizer_step(lr, skip) and (scaler is None or scaler.get_scale() >= scale):
+            self._update_averages(out)
         self.images_seen += self.global_batch
         self.batches_seen += 1
         if skip:
@@ -214,6 +179,23 @@ class EDMModule(L.LightningModule):
             self.rebuild_schedule()
         if final:
             self.trainer.should_stop = True  # Lightning then also validates (runs the evaluation callback) now
+
+    def _optimizer_step(self, lr: float, skip: bool) -> bool:
+        """Adam at learning rate `lr` unless `skip`; clears the gradients either way. Returns whether it stepped."""
+        opt = self.optimizers()
+        if not skip:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return not skip
+
+    def _update_averages(self, out: LossOutput) -> None:
+        """After an applied step: the EMA weights and the per-σ loss tracker (with the step's per-sample losses)."""
+        beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
+        update_ema(self.ema, self.net, beta)
+        self.tracker.update(out.sigma, out.mse, out.weight)
+        self.nonfinite_streak = 0
 
     def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
         now = time.perf_counter()
@@ -273,10 +255,10 @@ class EDMModule(L.LightningModule):
         self.log("val/loss_ema", out.loss.mean(), on_step=False, on_epoch=True, sync_dist=True)
 
     def _gather_rng_states(self) -> list[dict[str, Any]]:
-        state = _rng_state()
-        if not (dist.is_available() and dist.is_initialized()):
+        state = rng_state()
+        if world()[1] == 1:
             return [state]
-        states: list[Any] = [None] * dist.get_world_size()
+        states: list[Any] = [None] * world()[1]
         dist.all_gather_object(states, state)
         return states
 
@@ -306,9 +288,9 @@ class EDMModule(L.LightningModule):
         schedule = state["schedule"]
         self.entropic_schedule = EntropicSchedule.from_dict(schedule) if schedule is not None else None
         self.schedule_version = int(state["schedule_version"])
-        rank, world = self._world()
+        rank, world_size = world()
         rng = state["rng"]
-        if len(rng) != world:
-            rank_zero_warn(f"the checkpoint holds the RNG states of {len(rng)} processes, this run has {world}: "
+        if len(rng) != world_size:
+            rank_zero_warn(f"the checkpoint holds the RNG states of {len(rng)} processes, this run has {world_size}: "
                            "dropout noise will differ from an uninterrupted run")
-        _set_rng_state(rng[rank % len(rng)])
+        set_rng_state(rng[rank % len(rng)])

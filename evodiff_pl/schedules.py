@@ -38,7 +38,7 @@ def _learned(kind: str) -> Callable[..., Tensor]:
             raise ValueError(f"schedule {kind!r} was asked for but the given schedule is {schedule.kind!r}")
         return schedule.sigmas(n_steps, sigma_min=sigma_min, sigma_max=sigma_max)
 
-    grid.__doc__ = f"The {kind} schedule learned from a denoiser's per-level loss (SPEC §3)."
+    grid.__doc__ = f"The {kind} schedule learned from a denoiser's per-level loss (docs/method.md §3)."
     return grid
 
 

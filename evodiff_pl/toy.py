@@ -1,4 +1,4 @@
-"""The analytic testbed: an isotropic Gaussian mixture with an exact denoiser, MMSE and ODE (SPEC §4)."""
+"""The analytic testbed: an isotropic Gaussian mixture with an exact denoiser, MMSE and ODE (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class GaussianMixture(nn.Module):
         s2 = self._sigma2(sigma, x.shape[0])
         tot = self.variances[None, :] + s2
         diff = x[:, None, :] - self.means[None]
-        # marginal of x_sigma given component k: N(mu_k, (v_k + sigma^2) I)  (SPEC §4)
+        # marginal of x_sigma given component k: N(mu_k, (v_k + sigma^2) I)  (docs/method.md §4)
         logp = torch.log(self.weights)[None] - 0.5 * (
             diff.square().sum(-1) / tot + self.dim * torch.log(2 * math.pi * tot)
         )
@@ -71,7 +71,7 @@ class GaussianMixture(nn.Module):
         return r, a, s2
 
     def denoise(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        """Exact D*(x, sigma) = sum_k r_k (mu_k + v_k/(v_k+sigma^2)(x - mu_k))  (SPEC §4)."""
+        """Exact D*(x, sigma) = sum_k r_k (mu_k + v_k/(v_k+sigma^2)(x - mu_k))  (docs/method.md §4)."""
         r, a, _ = self._posterior(x, sigma)
         return torch.einsum("bk,bkd->bd", r, a).reshape(x.shape).to(x.dtype)
 
@@ -97,7 +97,7 @@ class GaussianMixture(nn.Module):
         for i, s in enumerate(sigmas.tolist()):
             r, a, s2 = self._posterior(x0 + s * eps, s)
             d = torch.einsum("bk,bkd->bd", r, a)
-            # tr Cov = sum_k r_k (dim s^2 v_k/(v_k+s^2) + ||a_k - D||^2)  (SPEC §4, centred form)
+            # tr Cov = sum_k r_k (dim s^2 v_k/(v_k+s^2) + ||a_k - D||^2)  (docs/method.md §4, centred form)
             within = self.dim * s2 * self.variances[None] / (self.variances[None] + s2)
             between = (a - d[:, None]).square().sum(-1)
             out[i] = (r * (within + between)).sum(1).mean() / self.dim

@@ -22,17 +22,16 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from evodiff_pl.checkpointing import (
-    CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, PeriodicCheckpoint, atomic_write_text, read_checkpoint,
-    resume_checkpoint,
-)
+from evodiff_pl.checkpointing import CHECKPOINT_KEY, CheckpointError, read_checkpoint
 from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict
-from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, build_datamodule
+from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, build_from_config
+from evodiff_pl.fileio import atomic_write_text
 from evodiff_pl.evaluation import SampleQualityCallback
 from evodiff_pl.loggers import ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb
 from evodiff_pl.module import EDMModule, NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.precond import EDMLoss, EDMPrecond
+from evodiff_pl.resume import AtomicCheckpointIO, PeriodicCheckpoint, resume_checkpoint
 
 T = TypeVar("T")
 
@@ -78,10 +77,7 @@ def network_kwargs(name: str, net: dict[str, Any], shape: Sequence[int], num_cla
 
 def build_data(cfg: DictConfig) -> DiffusionDataModule:
     """The datamodule of `cfg.data` (batch_size is global), seeded by run.seed unless data.seed is set."""
-    kwargs = OmegaConf.to_container(cfg.data)
-    name = kwargs.pop("name")
-    kwargs.setdefault("seed", cfg.run.seed)
-    return construct("data", build_datamodule, name, **kwargs)
+    return construct("data", build_from_config, OmegaConf.to_container(cfg.data), cfg.run.seed)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
@@ -121,13 +117,9 @@ def build(cfg: DictConfig) -> TrainingRun:
     module = EDMModule(
         net, EDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.model.sigma_data),
         sample_shape=shape, num_classes=num_classes, global_batch=cfg.data.batch_size, seed=cfg.run.seed,
-        sigma_min=cfg.model.sigma_min, sigma_max=cfg.model.sigma_max,
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, lr_rampup_images=cfg.optim.lr_rampup_images,
-        ema_halflife_images=cfg.ema.halflife_images, ema_rampup_ratio=cfg.ema.rampup_ratio,
-        tracker_bins=cfg.entropic.n_bins, tracker_ema_decay=cfg.entropic.ema_decay,
-        schedule_kind=cfg.entropic.kind, schedule_every=cfg.entropic.update_every_steps,
-        max_nonfinite_steps=cfg.train.max_nonfinite_steps, nan_loss_steps=tuple(cfg.train.nan_loss_steps),
-        checkpoint_dir=ckpt_dir, meta=meta,
+        sigma_range=(cfg.model.sigma_min, cfg.model.sigma_max), optim=OmegaConf.to_object(cfg.optim),
+        ema=OmegaConf.to_object(cfg.ema), entropic=OmegaConf.to_object(cfg.entropic),
+        train=OmegaConf.to_object(cfg.train), checkpoint_dir=ckpt_dir, meta=meta,
     )
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def reference() -> dict[str, np.ndarray]:
-    """Official-implementation outputs on the exact mixture (SPEC §5)."""
+    """Official-implementation outputs on the exact mixture (tests/data/README.md)."""
     with np.load(DATA / "gmm_solvers_logsnr_nfe10.npz") as f:
         return dict(f)
 

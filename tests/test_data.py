@@ -15,11 +15,11 @@ from evodiff_pl.data import (
     DATASETS,
     DatasetNotFoundError,
     DiffusionDataModule,
-    EpochShuffleSampler,
     InfiniteSampler,
     build_datamodule,
-    to_uint8,
 )
+from evodiff_pl.images import to_uint8
+from evodiff_pl.seeding import derive_seed
 from evodiff_pl.toy import GaussianMixture
 
 
@@ -104,7 +104,6 @@ def test_digits_defaults():
     loader = dm.train_dataloader()
     xb, yb = next(iter(loader))
     assert xb.shape == (64, 1, 8, 8) and xb.dtype == torch.float32 and yb.shape == (64,) and yb.dtype == torch.int64
-    assert len(loader) == 1797 // 64
     assert build_datamodule("digits", conditional=True).num_classes == 10
 
 
@@ -144,77 +143,21 @@ def test_digits_real_images():
         dm.real_images(max_n=0)
 
 
+def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))).tolist()
+
+
 def test_loader_order_is_seeded_and_per_epoch():
-    def epoch(seed: int, e: int) -> list:
+    def first_batches(seed: int) -> list:
         loader = build_datamodule("digits", batch_size=256, seed=seed).train_dataloader()
-        loader.sampler.set_epoch(e)
-        return batches(loader)
+        return [b for _, b in zip(range(8), loader)]  # 2048 samples: epoch 0 and the start of epoch 1
 
-    a, b = epoch(0, 0), epoch(0, 0)
+    a, b = first_batches(0), first_batches(0)
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
-    assert not torch.equal(a[0][0], epoch(1, 0)[0][0])
-    assert not torch.equal(a[0][0], epoch(0, 1)[0][0])
-
-    sampler = EpochShuffleSampler(1797, seed=0)
+    assert not torch.equal(a[0][0], first_batches(1)[0][0])
     for e in (0, 1):
-        sampler.set_epoch(e)
-        assert sorted(sampler) == list(range(1797))  # every epoch is a permutation
-
-
-def test_sampler_sharded_by_lightning_wrapper():
-    """Under DDP Lightning wraps the sampler in DistributedSamplerWrapper, which forwards set_epoch and shards."""
-    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-
-    sampler = EpochShuffleSampler(10, seed=0)
-    sampler.set_epoch(3)
-    order = list(sampler)
-    ranks = [
-        DistributedSamplerWrapper(EpochShuffleSampler(10, seed=0), num_replicas=2, rank=r, shuffle=False)
-        for r in (0, 1)
-    ]
-    for w in ranks:
-        w.set_epoch(3)
-    assert list(ranks[0]) == order[0::2] and list(ranks[1]) == order[1::2]
-
-
-@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
-@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
-def test_lightning_resume_replays_same_epochs(tmp_path):
-    """A run resumed from a mid-epoch checkpoint sees the uninterrupted run's later epochs (module docstring)."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class Recorder(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append(batch[0][:, 0].tolist())
-            return (self.w * batch[0].sum()).abs()
-
-        def validation_step(self, batch, batch_idx):
-            pass
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.0)
-
-    def fit(ckpt_path=None, callbacks=()):
-        model = Recorder()
-        trainer = L.Trainer(
-            max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-            num_sanity_val_steps=0, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
-        )
-        dm = build_datamodule("gmm", dim=2, n_components=2, num_train=64, batch_size=8, seed=3)
-        trainer.fit(model, dm, ckpt_path=ckpt_path)
-        return model.seen
-
-    full = fit(callbacks=[ModelCheckpoint(tmp_path, every_n_train_steps=12, save_top_k=-1)])
-    resumed = fit(ckpt_path=tmp_path / "epoch=1-step=12.ckpt")
-    # 8 batches per epoch; step 12 is in epoch 1, which restarts from its first batch for its 4 remaining steps.
-    assert resumed == full[8:12] + full[16:20]
-    assert full[0:8] != full[8:16]
+        assert sorted(_epoch_permutation(1797, 0, e)) == list(range(1797))  # every epoch is a permutation
+    assert _epoch_permutation(1797, 0, 0) != _epoch_permutation(1797, 0, 1)
 
 
 def test_infinite_sampler_shards_the_global_stream():
@@ -225,9 +168,7 @@ def test_infinite_sampler_shards_the_global_stream():
     stream = take(InfiniteSampler(10, seed=0), 60)
     for e in range(6):
         assert sorted(stream[10 * e : 10 * e + 10]) == list(range(10))  # concatenated epoch permutations
-    sampler = EpochShuffleSampler(10, seed=0)
-    sampler.set_epoch(2)
-    assert stream[20:30] == list(sampler)
+    assert stream[20:30] == _epoch_permutation(10, 0, 2)
     for r in range(3):
         assert take(InfiniteSampler(10, seed=0, rank=r, world_size=3), 20) == stream[r::3][:20]
         assert take(InfiniteSampler(10, seed=0, rank=r, world_size=3, start=15), 10) == stream[15 + r :: 3][:10]
@@ -370,7 +311,7 @@ def test_image_folder_loads_and_labels(tmp_path):
     real = dm.real_images()
     assert real.shape == (3, 3, 8, 8) and real.dtype == torch.uint8
     assert (real[:, 1].int() - 255).abs().max() <= 2 and real[:, [0, 2]].max() <= 2  # centre crop kept the green
-    labels = torch.cat([y for _, y in dm.train_dataloader()] + [y for _, y in dm.val_dataloader()])
+    labels = torch.cat([y for _, (_, y) in zip(range(3), dm.train_dataloader())] + [y for _, y in dm.val_dataloader()])
     assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1}
     assert dm.labels == [0, 1, 1]  # sorted paths: cat/a.png, dog/c.jpg, dog/deep/b.PNG
 

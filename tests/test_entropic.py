@@ -1,4 +1,4 @@
-"""Entropic-time schedules against closed forms, the exact mixture, and 1- vs 2-process statistics (SPEC §3)."""
+"""Entropic-time schedules against closed forms, the exact mixture, and 1- vs 2-process statistics (docs/method.md §3)."""
 
 import io
 import json
@@ -21,7 +21,7 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 def _gaussian_schedule(c: float, kind: str) -> EntropicSchedule:
     sigmas = torch.logspace(math.log10(SIGMA_MIN), math.log10(SIGMA_MAX), 2049, dtype=torch.float64)
-    # Gaussian data N(0, c^2 I): m = sigma^2 c^2 / (sigma^2 + c^2)  (SPEC §3)
+    # Gaussian data N(0, c^2 I): m = sigma^2 c^2 / (sigma^2 + c^2)  (docs/method.md §3)
     return EntropicSchedule.from_mmse(sigmas, sigmas**2 * c**2 / (sigmas**2 + c**2), kind=kind)
 
 
@@ -32,7 +32,7 @@ def test_rescaled_schedule_of_gaussian_data_is_closed_form(c):
     a_max, a_min = math.atan(SIGMA_MAX / c), math.atan(SIGMA_MIN / c)
     for n in (1, 3, 10, 35):
         j = torch.arange(n + 1, dtype=torch.float64)
-        # sigma_j = c tan(alpha_max + j/N (alpha_min - alpha_max))  (SPEC §3, N + 1 levels j = 0..N)
+        # sigma_j = c tan(alpha_max + j/N (alpha_min - alpha_max))  (docs/method.md §3, N + 1 levels j = 0..N)
         expected = c * torch.tan(a_max + j / n * (a_min - a_max))
         got = sched.sigmas(n, SIGMA_MIN, SIGMA_MAX)
         assert got.dtype == torch.float64 and got.shape == (n + 1,)
@@ -84,7 +84,7 @@ def _training_log(gm: GaussianMixture, n: int, batch: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     for _ in range(n // batch):
         x0 = gm.sample(batch, generator=g)
-        # ln sigma ~ N(P_mean = -1.2, P_std = 1.2)  (SPEC §1)
+        # ln sigma ~ N(P_mean = -1.2, P_std = 1.2)  (docs/method.md §1)
         sigma = (-1.2 + 1.2 * torch.randn(batch, generator=g, dtype=torch.float64)).exp()
         noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
         mse = (gm.denoise(x0 + sigma[:, None] * noise, sigma) - x0).square().mean(1)

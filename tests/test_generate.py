@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from evodiff_pl.generate import EvalSpec, generate, initial_noise, rank_indices, save_grid, steps_for_nfe
+from evodiff_pl.generate import EvalSpec, generate, initial_noise, rank_indices, steps_for_nfe
+from evodiff_pl.images import save_grid
 from evodiff_pl.schedules import get_sigmas
 from evodiff_pl.toy import GaussianMixture
 

@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from evodiff_pl.data import to_uint8
+from evodiff_pl.images import to_uint8
 from evodiff_pl.metrics import (
     INCEPTION_URL,
     FrechetScore,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from evodiff_pl.checkpointing import CHECKPOINT_KEY, load_denoiser
 from evodiff_pl.config import load_config
-from evodiff_pl.data import to_uint8
+from evodiff_pl.images import to_uint8
 from evodiff_pl.entropic import EntropicSchedule
 from evodiff_pl.generate import EvalSpec, generate
 from evodiff_pl.sampling import checkpoint_data, main, training_samples

@@ -75,7 +75,7 @@ def convergence_problem(reference, reference_mixture):
 def test_convergence_order(reference_mixture, convergence_problem, name, order, tol):
     x_T, exact = convergence_problem
     steps = [8, 16, 32, 64, 128]
-    # median per-sample RMSE: a sample switching mixture component must not dominate the fit (SPEC §4)
+    # median per-sample RMSE: a sample switching mixture component must not dominate the fit (docs/method.md §4)
     errs = [
         (solve(name, reference_mixture, x_T, get_sigmas("logsnr", n)) - exact).square().mean(1).sqrt().median().item()
         for n in steps

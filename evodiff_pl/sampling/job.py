@@ -1,0 +1,174 @@
+"""A validated sample.py invocation (`build`) and running it (`run`): generate every planned setting and score it.
+
+`build` checks every argument against the checkpoint (solvers, schedules, NFE, schedule file, score and
+reference statistics) before any output is written; `run` generates through `evodiff_pl.generate.generate`
+(image j uses seed j, as in the validation callback with base seed 0) and scores with
+`evodiff_pl.metrics.FrechetScore`, every rank taking part, seeds dealt to ranks with `rank_indices`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from evodiff_pl.checkpointing import LoadedCheckpoint, load_denoiser
+from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, build_from_config
+from evodiff_pl.dist import world
+from evodiff_pl.fileio import atomic_write_text
+from evodiff_pl.generate import generate, rank_indices
+from evodiff_pl.images import to_uint8, write_pngs
+from evodiff_pl.metrics import FrechetScore
+from evodiff_pl.sampling.options import DEVICES, MAX_SCORED, SCORES, SampleConfig, SampleError, check_choice, parse_seeds
+from evodiff_pl.sampling.outputs import Result, default_outdir, gather_rows, output_formats, table, to_csv, to_markdown, write_npz
+from evodiff_pl.sampling.plan import Plan, plans
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda; under torchrun cuda means cuda:LOCAL_RANK."""
+    check_choice("device", name, DEVICES)
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SampleError("device=cuda but no CUDA device is available (use device=cpu or auto)")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def checkpoint_data(loaded: LoadedCheckpoint) -> DiffusionDataModule:
+    """The checkpoint's dataset, rebuilt from its stored training config."""
+    config = loaded.meta["config"]
+    return build_from_config(config["data"], config["run"]["seed"])
+
+
+def reference_stats(path: str, feature: str) -> dict[str, Any]:
+    """A statistics file of `FrechetScore.prepare_real`, checked to hold `feature` features."""
+    if not Path(path).is_file():
+        raise SampleError(f"stats file {path} does not exist")
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SampleError(f"stats file {path} is unreadable: {type(err).__name__}: {err}") from None
+    if not isinstance(stats, dict) or not {"sum", "outer_sum", "count"} <= set(stats):
+        raise SampleError(f"stats file {path} holds no reference statistics (sum, outer_sum, count)")
+    if stats.get("feature") != feature:
+        raise SampleError(f"stats file {path} holds {stats.get('feature')!r} features, not {feature!r}")
+    return stats
+
+
+def build_score(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.device) -> tuple[FrechetScore | None, Tensor]:
+    """The score with its reference statistics loaded (rank 0), and the seeds (by default one per reference
+    sample, at most MAX_SCORED, when scoring; 0-63 otherwise)."""
+    check_choice("score", cfg.score, list(SCORES))
+    feature = SCORES[cfg.score]
+    if feature is None:
+        return None, parse_seeds("0-63" if cfg.seeds is None else cfg.seeds)
+    shape = tuple(loaded.meta["sample_shape"])
+    if feature == "inception" and len(shape) != 3:
+        raise SampleError(f"score=fid_inception needs images; checkpoint {loaded.path} makes vectors of shape "
+                          f"{shape} (use score=fd_pixels)")
+    stats = reference_stats(cfg.stats, feature) if cfg.stats is not None else None
+    data = None if stats is not None else checkpoint_data(loaded)
+    if cfg.seeds is not None:
+        seeds = parse_seeds(cfg.seeds)
+    else:
+        available = int(stats["count"]) if stats is not None else len(data.data)
+        seeds = parse_seeds(f"0-{min(available, MAX_SCORED) - 1}")
+    rank = world()[0]
+    try:
+        score = FrechetScore(feature, num_samples=len(seeds), shape=shape, weights_path=cfg.inception_weights,
+                             stats_dir=cfg.stats_dir).to(device)
+        if stats is not None:
+            score.load_real(cfg.stats, rank=rank)
+        else:
+            score.prepare_real(data, rank=rank)
+    except DatasetNotFoundError:
+        raise
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        raise SampleError(f"score={cfg.score}: {err}") from None
+    return score, seeds
+
+
+@dataclass
+class SamplingJob:
+    """A validated sample.py invocation: everything `run` or `estimate` needs."""
+
+    cfg: SampleConfig
+    loaded: LoadedCheckpoint
+    device: torch.device
+    plans: list[Plan] = field(default_factory=list)
+    seeds: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    score: FrechetScore | None = None
+    outdir: Path | None = None
+    formats: tuple[str, ...] = ()
+    """The outputs to write: a subset of (png, npz)."""
+
+
+def build(cfg: SampleConfig) -> SamplingJob:
+    """Check every argument against the checkpoint and prepare the score; writes no output (the reference
+    statistics cache aside)."""
+    if cfg.ckpt is None:
+        raise SampleError("ckpt= is required: a train.py run directory or a .ckpt file")
+    for key, low in (("batch", 1), ("per_folder", 0), ("levels", 2), ("pairs", 1)):
+        if getattr(cfg, key) < low:
+            raise SampleError(f"{key}={getattr(cfg, key)} must be >= {low}")
+    device = resolve_device(cfg.device)
+    loaded = load_denoiser(cfg.ckpt, ema=cfg.ema, map_location=device)
+    if cfg.estimate_schedule:
+        return SamplingJob(cfg, loaded, device)
+    rows = plans(cfg, loaded)
+    is_image = len(loaded.meta["sample_shape"]) == 3
+    formats = output_formats(cfg.format, is_image, cfg.score != "none")
+    score, seeds = build_score(cfg, loaded, device)
+    outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path)
+    return SamplingJob(cfg, loaded, device, rows, seeds, score, outdir, formats)
+
+
+def run_plan(job: SamplingJob, p: Plan) -> Result:
+    """Generate this rank's share of the seeds for one setting, write it and return the score (all ranks)."""
+    cfg, meta = job.cfg, job.loaded.meta
+    rank, world_size = world()
+    share = job.seeds[rank_indices(len(job.seeds), rank, world_size)]
+    shape = tuple(meta["sample_shape"])
+    folder = job.outdir / p.spec.name
+    start = time.perf_counter()
+    kept = []
+    if job.score is not None:
+        job.score.reset()
+    with tqdm(total=len(share), unit="img", desc=p.spec.name, disable=not cfg.progress or rank != 0) as bar:
+        for chunk in share.split(cfg.batch):  # an empty share is one empty chunk: every rank updates the score
+            x = generate(job.loaded.denoiser, chunk, shape, solver=p.spec.solver, sigmas=p.sigmas, seed=0,
+                         batch_size=cfg.batch, num_classes=meta["num_classes"], device=job.device)
+            if job.score is not None:
+                job.score.update(x)
+            out = to_uint8(x).cpu() if len(shape) == 3 else x.float().cpu()
+            if "png" in job.formats:
+                write_pngs(out, chunk, folder, cfg.per_folder)
+            if "npz" in job.formats:
+                kept.append(out)
+            bar.update(len(chunk))
+    if "npz" in job.formats:
+        gathered = gather_rows(share, torch.cat(kept), job.seeds)
+        if gathered is not None:
+            write_npz(job.outdir / f"{p.spec.name}.npz", *gathered)
+    value = job.score.compute() if job.score is not None else None
+    return Result(p, value, time.perf_counter() - start)
+
+
+def run(job: SamplingJob) -> list[dict[str, str]]:
+    """Every setting in turn; rank 0 prints the table and writes scores.csv and scores.md. Returns the rows."""
+    results = [run_plan(job, p) if p.spec is not None else Result(p) for p in job.plans]
+    rows = table(results, job.score.name if job.score is not None else None, len(job.seeds))
+    if world()[0] == 0:
+        text = to_markdown(rows)
+        atomic_write_text(job.outdir / "scores.md", text)
+        atomic_write_text(job.outdir / "scores.csv", to_csv(rows))
+        print(f"{len(job.seeds)} samples per setting from {job.loaded.path} -> {job.outdir}\n{text}", flush=True)
+    return rows

@@ -1,0 +1,142 @@
+"""sample.py's command line: the `SampleConfig` schema with its documented keys, parsing and value checks."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from torch import Tensor
+
+from evodiff_pl.config import did_you_mean, suggest
+
+SCORES = {"none": None, "fd_pixels": "pixels", "fid_inception": "inception"}
+"""score= values and their feature extractors."""
+FORMATS = ("auto", "png", "npz", "both", "none")
+DEVICES = ("auto", "cpu", "cuda")
+MAX_SCORED = 50_000
+"""Default number of scored samples: one per reference sample, at most this many (FID-50k)."""
+
+
+class SampleError(ValueError):
+    """A sample.py argument is invalid or does not fit the checkpoint; the message names it."""
+
+
+@dataclass
+class SampleConfig:
+    ckpt: Optional[str] = None
+    """Required: a train.py run directory (its newest checkpoint) or a .ckpt file."""
+    ema: bool = True
+    """Sample the EMA weights; false: the raw trained weights."""
+    solver: str = "evodiff"
+    """Solver, or a comma-separated list for a sweep: euler, heun, dpmpp_2m, dpmpp_3m, evodiff."""
+    schedule: str = "rescaled_entropic"
+    """Schedule, or a comma-separated list: karras, logsnr, entropic, rescaled_entropic (the learned ones use
+    the schedule stored in the checkpoint, or schedule_file)."""
+    nfe: str = "10"
+    """Denoiser calls per sample, or a comma-separated list (heun makes 2 per step: even values only)."""
+    seeds: Optional[str] = None
+    """Samples to make, e.g. 0-49999 or 0-7,100; image j uses seed j. Default: 0-63, or with a score one per
+    reference sample (at most 50000)."""
+    outdir: Optional[str] = None
+    """Output folder; default <run dir>/samples."""
+    format: str = "auto"
+    """png, npz, both or none; auto: png for images, npz for vector data."""
+    per_folder: int = 0
+    """PNGs per subfolder (1000: <name>/000000/, <name>/001000/, ...); 0: all in <name>/."""
+    batch: int = 256
+    """Samples per denoiser call on each process (does not change any sample)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    score: str = "none"
+    """none, fd_pixels (Fréchet distance on pixels or raw vectors) or fid_inception (FID)."""
+    stats: Optional[str] = None
+    """Reference statistics file written by FrechetScore.prepare_real; default: the cached statistics of the
+    checkpoint's dataset (computed and cached on first use)."""
+    stats_dir: Optional[str] = None
+    """Cache of reference statistics; default $EVODIFF_STATS or ~/.cache/evodiff-pl/stats."""
+    inception_weights: Optional[str] = None
+    """Local InceptionV3 weights for fid_inception (needed offline); default: download once."""
+    schedule_file: Optional[str] = None
+    """Learned schedule JSON (schedule.json, or one written by estimate_schedule) instead of the stored one."""
+    estimate_schedule: bool = False
+    """Instead of sampling, run the dedicated entropic-time estimation pass and write
+    <checkpoint stem>_schedule_estimated.json beside the checkpoint."""
+    levels: int = 128
+    """Estimation pass: noise levels K on the Karras grid."""
+    pairs: int = 1024
+    """Estimation pass: (training image, noise) pairs M per level."""
+    progress: bool = True
+    """Show progress bars (images/s)."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass, by field name."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: inspect.cleandoc(b.value.value) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def usage() -> str:
+    """The CLI reference: every key with its default and meaning."""
+    docs = field_docs(SampleConfig)
+    lines = ["usage: python sample.py ckpt=RUN_DIR_OR_FILE [key=value ...]", ""]
+    for f in fields(SampleConfig):
+        default = "null" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+        lines.append(f"  {f.name}={default}")
+        lines += [f"      {line}" for line in docs[f.name].splitlines()]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> SampleConfig:
+    """`key=value` arguments over the `SampleConfig` defaults; SampleError names an unknown key or a bad value."""
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SampleError(f"arguments must look like key=value (e.g. nfe=10), got {bad[0]!r}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(SampleConfig), OmegaConf.from_dotlist(list(argv)))
+    except ConfigKeyError as err:
+        raise SampleError(f"unknown key {err.key}{suggest(str(err.key), [f.name for f in fields(SampleConfig)])}"
+                          ) from None
+    except OmegaConfBaseException as err:
+        raise SampleError(f"invalid value for {err.full_key or err.key}: {str(err).splitlines()[0]}") from None
+    return OmegaConf.to_object(cfg)
+
+
+def parse_seeds(text: str) -> Tensor:
+    """'0-7,12,20-23' -> int64 tensor in the given order; SampleError for bad syntax, negative or repeated seeds."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+            raise SampleError(f"seeds={text!r}: expected ranges and numbers >= 0 like 0-49999 or 0-7,12, got {part!r}")
+        seeds.extend(range(int(lo), int(hi if sep else lo) + 1))
+    if len(set(seeds)) != len(seeds):
+        raise SampleError(f"seeds={text!r} names some seeds twice")
+    return torch.tensor(seeds, dtype=torch.int64)
+
+
+def check_choice(key: str, value: str, valid: Sequence[str]) -> None:
+    """SampleError naming `key`, the valid values and the closest one, unless `value` is valid."""
+    if value not in valid:
+        raise SampleError(f"{key}={value!r} is not one of {', '.join(valid)}{did_you_mean(value, sorted(valid))}")
+
+
+def names(key: str, text: str, valid: Sequence[str]) -> list[str]:
+    names = list(dict.fromkeys(s.strip() for s in text.split(",")))
+    for name in names:
+        check_choice(key, name, valid)
+    return names
+
+
+def nfes(text: str) -> list[int]:
+    items = list(dict.fromkeys(s.strip() for s in text.split(",")))
+    if not all(s.isdigit() and int(s) > 0 for s in items):
+        raise SampleError(f"nfe={text!r}: expected positive integers, e.g. nfe=10 or nfe=5,10,20")
+    return [int(s) for s in items]
