@@ -1,6 +1,6 @@
 """Validation metrics of a train.py run against images seen: one panel per metric family, from its CSV logs.
 
-Reads every `<run>/csv/version_*/metrics.csv` (a resumed run adds a version), keeps the `val/*` columns and the
+Reads `<run>/csv/metrics.csv` (older runs: every `<run>/csv/version_*/metrics.csv`), keeps the `val/*` columns and the
 training loss, and plots them against `train/images_seen` (log-x). `--mark IMAGES=TEXT` adds a labelled vertical
 line (e.g. where a checkpoint was exported, with its memorization rate). Writes the plot and a CSV of the
 validation rows.
@@ -23,8 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_logs(run: Path) -> list[dict[str, str]]:
-    """All logged rows of the run's CSV logger, oldest version first."""
+    """All logged rows of the run's CSV logger, oldest first."""
     files = sorted((run / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    files += [run / "csv" / "metrics.csv"] if (run / "csv" / "metrics.csv").is_file() else []
     if not files:
         raise SystemExit(f"no CSV logs under {run / 'csv'} (train with logger.kind=csv)")
     rows = []

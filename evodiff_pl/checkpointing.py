@@ -6,13 +6,18 @@ Format (a Lightning checkpoint, loadable with `torch.load(..., weights_only=True
 - `evodiff` (`CHECKPOINT_KEY`): `format`, `version`, `config` (the resolved config), `network`
   (`name`, `kwargs`: everything `evodiff_pl.networks.build_network` needs), `sigma_data`, `sigma_min`,
   `sigma_max`, `sample_shape`, `num_classes`, `data` (`name`, `stats_key`), `images_seen`,
-  `batches_seen`, `global_step`, `tracker`, `schedule` (`EntropicSchedule.to_dict()` or None), `rng`.
+  `batches_seen`, `global_step`, `tracker`, `schedule` (`EntropicSchedule.to_dict()` or None), `rng`,
+  `config_history` (settings changed on resume, with the step), `completed` (the final evaluation ran), and
+  `digest`: a BLAKE2b hash of everything else in the file (every tensor's bytes, every other value's repr),
+  checked on every load, so a damaged file is refused instead of resumed (format version 2; version-1 files,
+  which have no digest, still load).
 `load_denoiser` rebuilds the (EMA) denoiser and its schedule from this without Lightning or the training
 code; the training side (resume rules, the Lightning plugin and callback) is `evodiff_pl.resume`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,8 @@ from evodiff_pl.precond import EDMPrecond
 
 CHECKPOINT_KEY = "evodiff"
 FORMAT = "evodiff-pl/checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HPC_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 
 
@@ -35,28 +41,76 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: unreadable, not ours, or made for another model or dataset."""
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU (memory-mapped, weights only); CheckpointError naming the file otherwise."""
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            h.update(repr(k).encode())
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}".encode())
+
+
+def digest(ckpt: dict[str, Any]) -> str:
+    """BLAKE2b of a checkpoint's content without its own `digest` entry."""
+    meta = ckpt[CHECKPOINT_KEY]
+    stored = meta.pop("digest", None)
+    try:
+        h = hashlib.blake2b(digest_size=20)
+        _feed(h, ckpt)
+        return h.hexdigest()
+    finally:
+        if stored is not None:
+            meta["digest"] = stored
+
+
+def write_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
+    """Stamp the checkpoint with its `digest` and write it atomically."""
+    meta = ckpt[CHECKPOINT_KEY]
+    meta.pop("digest", None)
+    meta["digest"] = digest(ckpt)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def _unusable(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is {why}. It was left untouched; to continue from another checkpoint of the run, "
+        f"pass run.resume=PATH (e.g. a checkpoints/step-N.ckpt archive), or start a new run in another run.dir"
+    )
+
+
+def read_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Load a checkpoint on the CPU (memory-mapped, weights only) and check its digest (`verify`);
+    CheckpointError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}. It was left untouched; move it "
-                              "away to resume from another checkpoint, or set run.resume=never with a new run.dir"
-                              ) from None
+        raise _unusable(path, f"unreadable (truncated or corrupt?): {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
     meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} was not written by evodiff-pl's train.py (no {CHECKPOINT_KEY!r} entry)")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')!r}; this code reads {VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')!r}; this code reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if verify and meta["version"] >= 2 and meta.get("digest") != digest(ckpt):
+        raise _unusable(path, "damaged: its content does not match the digest stored in it")
     return ckpt
 
 
 def _stored_step(path: Path) -> int:
-    return int(read_checkpoint(path)["global_step"])
+    return int(read_checkpoint(path, verify=False)["global_step"])
 
 
 def checkpoint_candidates(ckpt_dir: str | Path) -> list[Path]:
@@ -141,5 +195,5 @@ def export_weights(src: str | Path, dst: str | Path, *, ema: bool = True) -> Pat
     ckpt = read_checkpoint(path)
     state = {k: v.clone() for k, v in _weights(ckpt, path, ema).items()}
     dst = Path(dst)
-    atomic_write(dst, lambda f: torch.save({"state_dict": state, CHECKPOINT_KEY: ckpt[CHECKPOINT_KEY]}, f))
+    write_checkpoint(dst, {"state_dict": state, CHECKPOINT_KEY: dict(ckpt[CHECKPOINT_KEY], version=VERSION)})
     return dst

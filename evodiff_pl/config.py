@@ -38,8 +38,9 @@ class RunConfig:
     seed: int = 0
     """Seeds the initial weights, the data order and every training noise draw."""
     resume: str = "auto"
-    """auto: newest complete checkpoint in run.dir (last.ckpt or a SLURM hpc_ckpt_N.ckpt) if any;
-    never: start fresh (refuses a run.dir that already has checkpoints); or the path of a .ckpt."""
+    """auto: newest complete checkpoint in run.dir (last.ckpt; hpc_ckpt_N.ckpt of older versions) if any;
+    never: start fresh (refuses a run.dir that already has checkpoints); or the path of a .ckpt (e.g. a
+    checkpoints/step-N.ckpt archive) to continue from."""
     name: Optional[str] = None
     """Display name of the W&B run; default: the run directory's name."""
 

@@ -51,6 +51,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset is not on disk and could not be obtained; the message says how to provide it."""
 
 
+class DataError(ValueError):
+    """The dataset cannot be used as configured (too small for the batch, an unreadable file); the message says why."""
+
+
 def default_data_root() -> Path:
     """$EVODIFF_DATA if set, else ~/.cache/evodiff-pl/data."""
     return Path(os.environ.get("EVODIFF_DATA", "~/.cache/evodiff-pl/data")).expanduser()
@@ -157,12 +161,12 @@ class DiffusionDataModule(L.LightningDataModule):
             data = self._load()
             if self.holdout:
                 if self.holdout >= len(data):
-                    raise ValueError(f"{self.name}: holdout={self.holdout} leaves no training data ({len(data)} samples)")
+                    raise DataError(f"{self.name}: holdout={self.holdout} leaves no training data ({len(data)} samples)")
                 order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
                 self._heldout = Subset(data, order[len(data) - self.holdout:].sort().values.tolist())
                 data = Subset(data, order[: len(data) - self.holdout].sort().values.tolist())
             if len(data) < self.batch_size:
-                raise ValueError(
+                raise DataError(
                     f"{self.name}: {len(data)} training samples < batch_size={self.batch_size}; no full batch can be "
                     "drawn"
                 )
@@ -385,8 +389,11 @@ class _ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        with Image.open(self.files[i]) as img:
-            img = img.convert(self.mode)
+        try:
+            with Image.open(self.files[i]) as img:
+                img = img.convert(self.mode)
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated, corrupt or not an image
+            raise DataError(f"cannot read image {self.files[i]}: {err}") from None
         w, h = img.size
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))

@@ -9,6 +9,7 @@ run id is kept in `<run.dir>/wandb_run_id`, so a resumed run continues the same 
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import secrets
@@ -19,8 +20,8 @@ from urllib.parse import urlparse
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from matplotlib.figure import Figure
 
 from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss, edm_loss_weight
@@ -98,8 +99,59 @@ def _wandb(cfg: Any, run_dir: Path, name: str, is_rank_zero: bool) -> Logger:
                        id=wandb_run_id(run_dir, write=is_rank_zero and mode != "disabled"), mode=mode)
 
 
+class RunCSVLogger(Logger):
+    """`<run.dir>/csv/metrics.csv`, one file for the whole run: a resumed run appends to it, and every logged row is
+    on disk at once (Lightning's CSVLogger starts a new version folder per launch and writes rows in batches).
+    A key seen for the first time rewrites the file with the wider header, keeping every row."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.path = Path(run_dir) / "csv" / "metrics.csv"
+        self._keys: list[str] | None = None
+
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def save_dir(self) -> str:
+        return str(self.path.parent)
+
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        if not self.path.is_file():
+            return [], []
+        with self.path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
+        row["step"] = step if step is not None else ""
+        if self._keys is None:
+            self._keys = self._read()[0]
+        new = sorted(set(row) - set(self._keys))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if new:
+            self._keys, old_rows = sorted(set(self._keys) | set(new)), self._read()[1]
+            with self.path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self._keys)
+                writer.writeheader()
+                writer.writerows(old_rows)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self._keys).writerow(row)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """The config is in `<run.dir>/config.yaml` and in every checkpoint."""
+
+
 def _csv(cfg: Any, run_dir: Path, name: str, is_rank_zero: bool) -> Logger:
-    return CSVLogger(save_dir=str(run_dir), name="csv")
+    return RunCSVLogger(run_dir)
 
 
 LOGGERS: dict[str, Callable[[Any, Path, str, bool], Logger | None]] = {

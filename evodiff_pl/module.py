@@ -219,15 +219,21 @@ class EDMModule(L.LightningModule):
             f"[{shown}{more}]"
         )
         if self.nonfinite_streak > self.max_nonfinite_steps:
+            where = (f"{self.nonfinite_streak} consecutive training steps had a non-finite loss or gradient (more than "
+                     f"train.max_nonfinite_steps={self.max_nonfinite_steps}), at step {self.global_step} "
+                     f"(batch {self.batches_seen - 1})")
+            if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+                raise NonFiniteTrainingError(
+                    f"{where}, and the weights themselves are not finite: they were so before this run's steps "
+                    "(a damaged or diverged checkpoint?). Nothing was saved; resume from an earlier checkpoint with "
+                    "run.resume=PATH"
+                )
             path = None
             if self.checkpoint_dir is not None:
                 path = self.checkpoint_dir / f"nonfinite-step{self.global_step}.ckpt"
                 self.trainer.save_checkpoint(path, weights_only=False)
             raise NonFiniteTrainingError(
-                f"{self.nonfinite_streak} consecutive training steps had a non-finite loss or gradient "
-                f"(more than train.max_nonfinite_steps={self.max_nonfinite_steps}), at step {self.global_step} "
-                f"(batch {self.batches_seen - 1}); the weights are those of the last finite step"
-                + (f" and were saved to {path}" if path else "")
+                f"{where}; the weights are those of the last finite step" + (f" and were saved to {path}" if path else "")
                 + ". Lower optim.lr, use trainer.precision=32-true, or check the data."
             )
 

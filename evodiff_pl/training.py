@@ -1,16 +1,18 @@
 """Build a training run from a validated config and fit it: the body of `train.py`.
 
 Run directory layout (`run.dir`): `config.yaml` (the resolved config of the latest launch),
-`checkpoints/last.ckpt` (+ `step-N.ckpt` copies, SLURM `hpc_ckpt_N.ckpt`), `schedule.json` (the
-learned schedule), `plots/` (loss per σ, schedule), `grids/` (samples), `wandb/` or `csv/` logs,
-`wandb_run_id`. Resume = run the same command again (`run.resume=auto`).
+`checkpoints/last.ckpt` (+ `step-N.ckpt` archives; `hpc_ckpt_N.ckpt` from older versions), `schedule.json`
+(the learned schedule), `plots/` (loss per σ, schedule), `grids/` (samples), `wandb/` or `csv/` logs,
+`wandb_run_id`, and `train.lock` while a train.py runs there. Resume = run the same command again
+(`run.resume=auto`); a run whose training finished but whose final evaluation did not (killed during it)
+runs that evaluation on the rerun. SIGUSR1 / SIGTERM stop at a step boundary with a checkpoint (`resume.Preemption`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
-import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -18,25 +20,30 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from evodiff_pl.checkpointing import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from evodiff_pl.checkpointing import CheckpointError
 from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict
-from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, build_from_config
-from evodiff_pl.fileio import atomic_write_text
+from evodiff_pl.data import DataError, DatasetNotFoundError, DiffusionDataModule, build_from_config
+from evodiff_pl.fileio import atomic_write_text, remove_stale_temps
 from evodiff_pl.evaluation import SampleQualityCallback
 from evodiff_pl.loggers import ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb
 from evodiff_pl.module import EDMModule, NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.precond import EDMLoss, EDMPrecond
-from evodiff_pl.resume import AtomicCheckpointIO, PeriodicCheckpoint, resume_checkpoint
+from evodiff_pl.resume import (
+    STOP, AtomicCheckpointIO, PeriodicCheckpoint, Preempted, Preemption, ResumePoint, RunLock, RunLockedError,
+    mark_completed, resume_checkpoint,
+)
 
 T = TypeVar("T")
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, NonFiniteTrainingError)
-"""Errors reported as one message (no traceback) by `main`."""
+USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DataError, NonFiniteTrainingError, RunLockedError)
+"""Errors reported as one line (no traceback) by `main`."""
 
 
 @dataclass
@@ -46,9 +53,20 @@ class TrainingRun:
     trainer: L.Trainer
     module: EDMModule
     datamodule: DiffusionDataModule
-    ckpt_path: Path | None
+    resume: ResumePoint | None
     """Checkpoint to resume from (None: fresh start)."""
     run_dir: Path
+    config: dict[str, Any]
+    """The resolved config as run (the effective precision included), as stored in checkpoints and config.yaml."""
+
+    @property
+    def ckpt_path(self) -> Path | None:
+        return self.resume.path if self.resume is not None else None
+
+    @property
+    def finished_training(self) -> bool:
+        """The resume checkpoint is at max_steps: only the final evaluation may be left."""
+        return self.resume is not None and int(self.resume.meta["global_step"]) >= self.trainer.max_steps
 
 
 def construct(section: str, factory: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -82,10 +100,8 @@ def build_data(cfg: DictConfig) -> DiffusionDataModule:
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     """Checkpoints, schedule artifacts, progress bar and (if enabled) the evaluation callback."""
-    callbacks: list[L.Callback] = [
-        PeriodicCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_every_steps),
-        ScheduleArtifacts(run_dir, plot_nfe=cfg.entropic.plot_nfe),
-    ]
+    periodic = PeriodicCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_every_steps)
+    callbacks: list[L.Callback] = [periodic, Preemption(periodic), ScheduleArtifacts(run_dir, plot_nfe=cfg.entropic.plot_nfe)]
     if cfg.trainer.progress_bar:
         callbacks.append(StepProgressBar(refresh_rate=max(1, min(cfg.logger.log_every_steps, 10))))
     evaluation = OmegaConf.to_container(cfg.evaluation)
@@ -100,7 +116,7 @@ def build(cfg: DictConfig) -> TrainingRun:
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
     config = to_dict(cfg)
-    ckpt_path = resume_checkpoint(cfg.run.resume, ckpt_dir, config)
+    resume = resume_checkpoint(cfg.run.resume, ckpt_dir, config)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = build_data(cfg)
     shape, num_classes = tuple(datamodule.shape), datamodule.num_classes
@@ -113,6 +129,7 @@ def build(cfg: DictConfig) -> TrainingRun:
         "sigma_data": cfg.model.sigma_data, "sigma_min": cfg.model.sigma_min, "sigma_max": cfg.model.sigma_max,
         "sample_shape": list(shape), "num_classes": num_classes,
         "data": {"name": cfg.data.name, "stats_key": datamodule.stats_key()},
+        "config_history": resume.history if resume is not None else [],
     }
     module = EDMModule(
         net, EDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.model.sigma_data),
@@ -122,57 +139,109 @@ def build(cfg: DictConfig) -> TrainingRun:
         train=OmegaConf.to_object(cfg.train), checkpoint_dir=ckpt_dir, meta=meta,
     )
     plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+    if SLURMEnvironment.detect():  # ranks from SLURM; pre-emption is `Preemption`'s, not Lightning's requeue
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     logger = build_logger(cfg.logger, run_dir, cfg.run.name or run_dir.resolve().name, rank_zero_only.rank == 0)
     t = OmegaConf.to_container(cfg.trainer)
-    trainer = L.Trainer(
-        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
-        precision=t["precision"], max_steps=math.ceil(cfg.train.total_images / cfg.data.batch_size), max_epochs=-1,
-        logger=logger or False, callbacks=build_callbacks(cfg, run_dir), plugins=plugins, default_root_dir=str(ckpt_dir),
-        enable_checkpointing=False, use_distributed_sampler=False, val_check_interval=t["val_every_steps"],
-        check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
-        log_every_n_steps=cfg.logger.log_every_steps, enable_progress_bar=t["progress_bar"],
-    )
+    try:
+        trainer = L.Trainer(
+            accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
+            precision=t["precision"], max_steps=math.ceil(cfg.train.total_images / cfg.data.batch_size), max_epochs=-1,
+            logger=logger or False, callbacks=build_callbacks(cfg, run_dir), plugins=plugins,
+            default_root_dir=str(ckpt_dir), enable_checkpointing=False, use_distributed_sampler=False,
+            val_check_interval=t["val_every_steps"], check_val_every_n_epoch=None, limit_val_batches=1,
+            num_sanity_val_steps=0, log_every_n_steps=cfg.logger.log_every_steps, enable_progress_bar=t["progress_bar"],
+        )
+    except (MisconfigurationException, ModuleNotFoundError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"trainer (accelerator={t['accelerator']}, devices={t['devices']}, strategy={t['strategy']}, "
+                          f"precision={t['precision']}): {str(err).splitlines()[0]}") from None
+    if str(trainer.precision) != t["precision"]:
+        rank_zero_warn(f"trainer.precision={t['precision']} runs as {trainer.precision} on this accelerator; the run "
+                       f"records {trainer.precision}")
+        config["trainer"]["precision"] = str(trainer.precision)
     if cfg.data.batch_size % trainer.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the "
                           f"{trainer.world_size} processes (trainer.devices x trainer.num_nodes)")
-    datamodule.stream_from(int(read_checkpoint(ckpt_path)[CHECKPOINT_KEY]["images_seen"]) if ckpt_path else 0)
-    return TrainingRun(trainer, module, datamodule, ckpt_path, run_dir)
+    datamodule.stream_from(int(resume.meta["images_seen"]) if resume is not None else 0)
+    return TrainingRun(trainer, module, datamodule, resume, run_dir, config)
 
 
 def run(cfg: DictConfig) -> TrainingRun:
-    """Print and save the config (rank 0), then fit, resuming from the newest checkpoint if any."""
-    training = build(cfg)
-    if rank_zero_only.rank == 0:
-        text = OmegaConf.to_yaml(cfg, resolve=True)
-        print(text, flush=True)
-        atomic_write_text(training.run_dir / "config.yaml", text)
-        if training.ckpt_path is not None:
-            print(f"resuming from {training.ckpt_path}", flush=True)
-    for logger in training.trainer.loggers:
-        logger.log_hyperparams(to_dict(cfg))
+    """Take the run directory (rank 0), print and save the config, then fit, resuming from the newest checkpoint
+    if any; a run that finished training but not its final evaluation only evaluates. The finished run's
+    last.ckpt is marked completed."""
+    STOP.install()
+    lock = RunLock(cfg.run.dir)
+    try:
+        if rank_zero_only.rank == 0:
+            lock.acquire()
+        training = build(cfg)
+        if rank_zero_only.rank == 0:
+            for stale in remove_stale_temps(training.run_dir / "checkpoints"):
+                print(f"removed {stale} (a checkpoint write interrupted by a kill)", flush=True)
+            text = OmegaConf.to_yaml(OmegaConf.create(training.config))
+            print(text, flush=True)
+            atomic_write_text(training.run_dir / "config.yaml", text)
+            if training.ckpt_path is not None:
+                print(f"resuming from {training.ckpt_path}", flush=True)
+        for logger in training.trainer.loggers:
+            logger.log_hyperparams(training.config)
+        _fit(training)
+    finally:
+        lock.release()
+        STOP.uninstall()
+    return training
+
+
+def _fit(training: TrainingRun) -> None:
     exit_code = 1
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the EMA copy, on purpose
-            training.trainer.fit(training.module, datamodule=training.datamodule, ckpt_path=training.ckpt_path,
-                                 weights_only=True)
+            if training.finished_training and training.resume.meta.get("completed"):
+                print(f"{training.ckpt_path} is complete (training and final evaluation): nothing to do", flush=True)
+            elif training.finished_training:
+                print("training finished but its final evaluation did not: running it now", flush=True)
+                training.trainer.validate(training.module, datamodule=training.datamodule,
+                                          ckpt_path=training.ckpt_path, weights_only=True, verbose=False)
+            elif not training.finished_training:
+                training.trainer.fit(training.module, datamodule=training.datamodule, ckpt_path=training.ckpt_path,
+                                     weights_only=True)
+        last = training.run_dir / "checkpoints" / "last.ckpt"
+        if training.trainer.is_global_zero and last.is_file():
+            mark_completed(last)
         exit_code = 0
     finally:
         finish_wandb(exit_code)
-    return training
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of an error, on one line (a DataLoader worker's re-raised error: its original message)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if "Original Traceback" in str(err) and lines:
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python train.py [--config FILE] [key=value ...]`; known errors print one line and return 1."""
+    """`python train.py [--config FILE] [key=value ...]`; known errors print one line and return 1, a pre-empted
+    run (SIGUSR1, SIGTERM) returns 128 + the signal number after its checkpoint."""
     parser = argparse.ArgumentParser(description="Train an EDM diffusion model with a learned entropic-time schedule.")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.devices=8 data.batch_size=64")
     args = parser.parse_args(argv)
     try:
         run(load_config(args.config, args.overrides))
+    except Preempted as stop:
+        print(f"{stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on device writing {err.filename or 'a file'}: free space there or set "
+              "run.dir to another disk, then rerun the same command to resume", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evodiff_pl.checkpointing import CHECKPOINT_KEY, load_denoiser
+from evodiff_pl.checkpointing import CHECKPOINT_KEY, load_denoiser, write_checkpoint
 from evodiff_pl.config import load_config
 from evodiff_pl.images import to_uint8
 from evodiff_pl.entropic import EntropicSchedule
@@ -187,7 +187,7 @@ def bad_files(digits_run, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("bad")
     ckpt = torch.load(digits_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ckpt[CHECKPOINT_KEY]["schedule"] = None
-    torch.save(ckpt, folder / "no_schedule.ckpt")
+    write_checkpoint(folder / "no_schedule.ckpt", ckpt)
     (folder / "corrupt.ckpt").write_bytes((digits_run / "checkpoints" / "last.ckpt").read_bytes()[:5000])
     schedule = load_denoiser(digits_run).schedule.to_dict()
     EntropicSchedule.from_dict({**schedule, "sigma_range": [0.01, 50.0]}).save(folder / "other_range.json")
@@ -272,3 +272,23 @@ def test_help_lists_every_key_with_its_default(capsys):
     for key, default in (("ckpt", "null"), ("ema", "true"), ("solver", "evodiff"), ("nfe", "10"),
                          ("per_folder", "0"), ("levels", "128"), ("pairs", "1024"), ("progress", "true")):
         assert f"\n  {key}={default}\n      " in text
+
+
+def test_unwritable_outdir_stops_before_sampling(gmm_run, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert _sample(f"ckpt={gmm_run}", f"outdir={blocker / 'out'}", "solver=dpmpp_2m", "schedule=logsnr") == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: outdir {blocker / 'out'} is not writable")
+    assert "samples per setting" not in captured.out  # nothing was sampled
+
+
+def test_the_table_is_printed_before_the_files_are_written(gmm_run, tmp_path, capsys, monkeypatch):
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr("evodiff_pl.sampling.job.atomic_write_text", disk_full)
+    with pytest.raises(OSError):
+        _sample(f"ckpt={gmm_run}", f"outdir={tmp_path / 'out'}", "solver=dpmpp_2m", "schedule=logsnr", "seeds=0-7",
+                "format=none", "score=fd_pixels", f"stats_dir={tmp_path / 'stats'}")
+    assert "| dpmpp_2m | logsnr | 10 |" in capsys.readouterr().out

@@ -85,7 +85,7 @@ def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path):
         f"evaluation.stats_dir={tmp_path / 'stats'}",
     ]
     train_in_process(DIGITS, overrides)
-    rows = list(csv.DictReader(open(next((tmp_path / "csv").glob("version_*/metrics.csv")))))
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     names = {k for row in rows for k, v in row.items() if v}
     for spec in ("evodiff_rescaled_entropic_nfe10", "dpmpp_2m_logsnr_nfe10"):
         assert f"val/fd_pixels_64/{spec}" in names

@@ -25,8 +25,12 @@ from evodiff_pl.fileio import atomic_write_text
 from evodiff_pl.generate import generate, rank_indices
 from evodiff_pl.images import to_uint8, write_pngs
 from evodiff_pl.metrics import FrechetScore
-from evodiff_pl.sampling.options import DEVICES, MAX_SCORED, SCORES, SampleConfig, SampleError, check_choice, parse_seeds
-from evodiff_pl.sampling.outputs import Result, default_outdir, gather_rows, output_formats, table, to_csv, to_markdown, write_npz
+from evodiff_pl.sampling.options import (
+    DEVICES, MAX_SCORED, SCORES, SampleConfig, SampleError, check_choice, parse_seeds,
+)
+from evodiff_pl.sampling.outputs import (
+    Result, check_writable, default_outdir, gather_rows, output_formats, table, to_csv, to_markdown, write_npz,
+)
 from evodiff_pl.sampling.plan import Plan, plans
 
 
@@ -112,8 +116,9 @@ class SamplingJob:
 
 
 def build(cfg: SampleConfig) -> SamplingJob:
-    """Check every argument against the checkpoint and prepare the score; writes no output (the reference
-    statistics cache aside)."""
+    """Check every argument against the checkpoint and prepare the score; creates the output folder (and checks
+    that it is writable) only when everything else is valid, and writes nothing else (the reference statistics
+    cache aside)."""
     if cfg.ckpt is None:
         raise SampleError("ckpt= is required: a train.py run directory or a .ckpt file")
     for key, low in (("batch", 1), ("per_folder", 0), ("levels", 2), ("pairs", 1)):
@@ -128,6 +133,8 @@ def build(cfg: SampleConfig) -> SamplingJob:
     formats = output_formats(cfg.format, is_image, cfg.score != "none")
     score, seeds = build_score(cfg, loaded, device)
     outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path)
+    if world()[0] == 0:
+        check_writable(outdir)
     return SamplingJob(cfg, loaded, device, rows, seeds, score, outdir, formats)
 
 
@@ -163,12 +170,12 @@ def run_plan(job: SamplingJob, p: Plan) -> Result:
 
 
 def run(job: SamplingJob) -> list[dict[str, str]]:
-    """Every setting in turn; rank 0 prints the table and writes scores.csv and scores.md. Returns the rows."""
+    """Every setting in turn; rank 0 prints the table, then writes scores.csv and scores.md. Returns the rows."""
     results = [run_plan(job, p) if p.spec is not None else Result(p) for p in job.plans]
     rows = table(results, job.score.name if job.score is not None else None, len(job.seeds))
     if world()[0] == 0:
         text = to_markdown(rows)
+        print(f"{len(job.seeds)} samples per setting from {job.loaded.path} -> {job.outdir}\n{text}", flush=True)
         atomic_write_text(job.outdir / "scores.md", text)
         atomic_write_text(job.outdir / "scores.csv", to_csv(rows))
-        print(f"{len(job.seeds)} samples per setting from {job.loaded.path} -> {job.outdir}\n{text}", flush=True)
     return rows

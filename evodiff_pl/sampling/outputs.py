@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,16 @@ def output_formats(fmt: str, is_image: bool, scoring: bool) -> tuple[str, ...]:
     if fmt == "none" and not scoring:
         raise SampleError("format=none with score=none: nothing to write or score")
     return {"png": ("png",), "npz": ("npz",), "both": ("png", "npz"), "none": ()}[fmt]
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write a probe file in it; SampleError naming it if that fails (before any sampling)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise SampleError(f"outdir {folder} is not writable ({err.strerror or err}): choose another outdir=") from None
 
 
 def default_outdir(ckpt: Path) -> Path:
