@@ -10,8 +10,13 @@ samples). Two tables:
 2. Accuracy vs NFE on the four schedules: RMSE, median per-sample RMSE and Fréchet distance. Besides the three
    registered solvers, two fixed-weight ablations of evodiff_consistent show what the per-sample weight does:
    eta = 0 (forward difference only) and eta = 1/2 (the even blend); eta = 1 is dpmpp_2m.
+3. The same as 2 with a trained denoiser (--mlp: the MLP of `gmm_nfe.py`, EMA weights, float32) on Karras,
+   log-SNR and its training schedule; errors against the exact ODE endpoint of the same x_T.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/evodiff_consistent_gmm.py > benchmarks/results/evodiff_consistent_gmm.log
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/evodiff_consistent_gmm.py \
+        > benchmarks/results/evodiff_consistent_gmm.log
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/evodiff_consistent_gmm.py --tables 3 \
+        --mlp benchmarks/results/gmm_ema.ckpt > benchmarks/results/evodiff_consistent_gmm_mlp.log
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evodiff_pl.checkpointing import load_denoiser
 from evodiff_pl.entropic import EntropicSchedule
 from evodiff_pl.metrics import frechet_distance, gaussian_fit
 from evodiff_pl.schedules import get_sigmas
@@ -51,6 +57,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[24, 48, 96, 192, 384, 768], help="convergence table")
     p.add_argument("--ode-steps", type=int, default=2000, help="RK4 steps of the exact ODE endpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tables", type=int, nargs="+", default=[1, 2], choices=[1, 2, 3])
+    p.add_argument("--mlp", default=None, help="checkpoint of the trained mixture MLP (table 3)")
     args = p.parse_args()
     torch.set_num_threads(1)
     smin, smax = 0.002, 80.0
@@ -73,6 +81,26 @@ def main() -> None:
         per_sample = (x - exact).square().mean(1)
         return per_sample.mean().sqrt().item(), per_sample.sqrt().median().item()
 
+    if 1 in args.tables:
+        convergence(args, gm, x_T, sigmas, errors)
+    if 2 in args.tables:
+        floor = frechet_distance(*gaussian_fit(exact), mu_data, cov_data)
+        print(f"\nTable 2: error vs NFE (N steps = NFE for every solver here); FD against {args.fresh} fresh "
+              f"samples; the exact ODE endpoint's own FD: {floor:.4f}")
+        grids = {s: (lambda n, s=s: sigmas(s, n)) for s in SCHEDULES}
+        accuracy(args, gm.denoise, x_T, grids, errors, mu_data, cov_data)
+    if 3 in args.tables:
+        if args.mlp is None:
+            raise SystemExit("table 3 needs --mlp CKPT")
+        loaded = load_denoiser(args.mlp)
+        print(f"\nTable 3: the trained MLP {args.mlp} (EMA, float32), errors against the exact ODE endpoint")
+        grids = {"karras": lambda n: sigmas("karras", n), "logsnr": lambda n: sigmas("logsnr", n),
+                 "rescaled_entropic_train": lambda n: get_sigmas("rescaled_entropic", n, smin, smax,
+                                                                 schedule=loaded.schedule)}
+        accuracy(args, loaded.denoiser, x_T.float(), grids, errors, mu_data, cov_data)
+
+
+def convergence(args, gm: GaussianMixture, x_T: Tensor, sigmas, errors) -> None:
     print(f"\nTable 1: median per-sample RMSE to the exact ODE endpoint vs steps N ({args.samples} samples)")
     head = f"{'grid':<18} {'solver':<20} " + " ".join(f"{'N=' + str(n):>9}" for n in args.steps)
     print(head + "   order(24-96)  order(192-768)  local orders per doubling")
@@ -93,19 +121,19 @@ def main() -> None:
             print(f"{grid:<18} {label:<20} " + " ".join(f"{e:9.2e}" for e in med)
                   + f"   {order(24, 96):>12}  {order(192, 768):>14}  {local}", flush=True)
 
-    floor = frechet_distance(*gaussian_fit(exact), mu_data, cov_data)
-    print(f"\nTable 2: error vs NFE (N steps = NFE for every solver here); FD against {args.fresh} fresh samples; "
-          f"the exact ODE endpoint's own FD: {floor:.4f}")
-    print(f"{'schedule':<18} {'solver':<20} {'NFE':>3} {'RMSE':>10} {'med RMSE':>10} {'FD':>10}")
-    for schedule in SCHEDULES:
+
+
+@torch.no_grad()
+def accuracy(args, denoiser, x_T: Tensor, grids: dict, errors, mu_data: Tensor, cov_data: Tensor) -> None:
+    print(f"{'schedule':<24} {'solver':<20} {'NFE':>3} {'RMSE':>10} {'med RMSE':>10} {'FD':>10}")
+    for schedule, grid in grids.items():
         for budget in args.nfe:
             for label, (solver, options) in SOLVERS.items():
-                x = solve(solver, gm.denoise, x_T, sigmas(schedule, budget), **options)
+                x = solve(solver, denoiser, x_T, grid(budget), **options)
                 rmse, med = errors(x)
                 fd = frechet_distance(*gaussian_fit(x), mu_data, cov_data)
-                print(f"{schedule:<18} {label:<20} {budget:>3} {rmse:10.4g} {med:10.4g} {fd:10.4g}", flush=True)
+                print(f"{schedule:<24} {label:<20} {budget:>3} {rmse:10.4g} {med:10.4g} {fd:10.4g}", flush=True)
             print()
-
 
 if __name__ == "__main__":
     main()
