@@ -15,7 +15,7 @@ samples). Two tables:
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/evodiff_consistent_gmm.py \
         > benchmarks/results/evodiff_consistent_gmm.log
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/evodiff_consistent_gmm.py --tables 3 \
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/evodiff_consistent_gmm.py --tables 3 --ode-steps 500 \
         --mlp benchmarks/results/gmm_ema.ckpt > benchmarks/results/evodiff_consistent_gmm_mlp.log
 """
 
