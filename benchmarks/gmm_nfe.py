@@ -7,7 +7,7 @@ by the RMSE (mean over all entries, and the median of the per-sample RMSE) to th
 endpoint from that x_T (`GaussianMixture.ode_solve`). Schedules (`EvalSpec.sigmas`):
 
     karras, logsnr                 fixed grids
-    rescaled_entropic_train        learned while training the MLP (RUN/schedule.json), used for both denoisers
+    rescaled_entropic_train        learned while training the MLP (the checkpoint's = RUN/schedule.json), both denoisers
     rescaled_entropic_pass         the dedicated pass (`estimate_mmse`, K levels x M pairs) of each denoiser:
                                    for the MLP as `sample.py ckpt=RUN estimate_schedule=true`, for the exact
                                    denoiser on fresh mixture samples (~ the exact schedule)
@@ -40,7 +40,7 @@ from evodiff_pl.entropic import EntropicSchedule, estimate_mmse  # noqa: E402
 from evodiff_pl.generate import EvalSpec, generate, initial_noise  # noqa: E402
 from evodiff_pl.metrics import frechet_distance, gaussian_fit  # noqa: E402
 
-SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "evodiff"]
+SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "evodiff", "evodiff_consistent"]
 SCHEDULES = ["karras", "logsnr", "rescaled_entropic_train", "rescaled_entropic_pass"]
 NFES = [5, 6, 8, 10, 12, 15, 20, 35]
 FIELDS = ["denoiser", "solver", "schedule", "nfe", "steps", "fd", "rmse", "median_rmse", "seconds", "note"]
@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> None:
     sig, m = estimate_mmse(gm.denoise, lambda n, g: gm.sample(n, generator=g), n_levels=args.levels,
                            n_pairs=args.pairs, sigma_min=smin, sigma_max=smax, progress=False)
     schedules = {
-        "mlp": {"rescaled_entropic_train": EntropicSchedule.load(args.run / "schedule.json"),
+        "mlp": {"rescaled_entropic_train": loaded.schedule,
                 "rescaled_entropic_pass": EntropicSchedule.load(est_path)},
-        "exact": {"rescaled_entropic_train": EntropicSchedule.load(args.run / "schedule.json"),
+        "exact": {"rescaled_entropic_train": loaded.schedule,
                   "rescaled_entropic_pass": EntropicSchedule.from_mmse(sig, m, kind="rescaled_entropic", dim=gm.dim)},
     }
     denoisers = {"mlp": (loaded.denoiser, torch.float32), "exact": (gm.denoise, torch.float64)}

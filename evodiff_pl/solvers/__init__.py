@@ -16,10 +16,14 @@ from evodiff_pl.solvers.base import Callback, Denoiser
 from evodiff_pl.solvers.dpmpp import dpmpp_2m, dpmpp_3m
 from evodiff_pl.solvers.edm import euler, heun
 from evodiff_pl.solvers.evodiff import evodiff
+from evodiff_pl.solvers.evodiff_consistent import evodiff_consistent
 
-__all__ = ["SOLVERS", "Callback", "Denoiser", "nfe", "solve", "dpmpp_2m", "dpmpp_3m", "euler", "heun", "evodiff"]
+__all__ = ["SOLVERS", "Callback", "Denoiser", "nfe", "solve", "dpmpp_2m", "dpmpp_3m", "euler", "heun", "evodiff",
+           "evodiff_consistent"]
 
-SOLVERS: dict[str, Callable[..., Tensor]] = {fn.__name__: fn for fn in (euler, heun, dpmpp_2m, dpmpp_3m, evodiff)}
+SOLVERS: dict[str, Callable[..., Tensor]] = {
+    fn.__name__: fn for fn in (euler, heun, dpmpp_2m, dpmpp_3m, evodiff, evodiff_consistent)
+}
 
 
 def _get(name: str) -> Callable[..., Tensor]:
