@@ -4,10 +4,14 @@ Format (a Lightning checkpoint, loadable with `torch.load(..., weights_only=True
 - `state_dict`: `net.*` the trained EDMPrecond (backbone under `net.backbone.*`), `ema.*` its EMA copy;
 - `optimizer_states`, `loops`, `callbacks`, `global_step`, ...: Lightning's training state;
 - `evodiff` (`CHECKPOINT_KEY`): `format`, `version`, `config` (the resolved config), `network`
-  (`name`, `kwargs`: everything `evodiff_pl.networks.build_network` needs), `sigma_data`, `sigma_min`,
+  (`name`, `kwargs`: everything `evodiff_pl.networks.build_network` needs), `precond` (`name`, `kwargs` of
+  `evodiff_pl.precond.build_precond`; absent before version 2: EDM with `sigma_data`), `sigma_data`, `sigma_min`,
   `sigma_max`, `sample_shape`, `num_classes`, `data` (`name`, `stats_key`), `images_seen`,
   `batches_seen`, `global_step`, `tracker`, `schedule` (`EntropicSchedule.to_dict()` or None), `rng`.
 `load_denoiser` rebuilds the (EMA) denoiser and its schedule from this without the training code.
+Version 2: the U-Nets have NVlabs edm's parameter layout; version 1 files (the older SongUNet layout) are
+mapped on load (`networks.unet.upgrade_v1_songunet`) and can be sampled from, not resumed.
+NVlabs pickles (`.pkl`) are read by `evodiff_pl.nvlabs`.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from evodiff_pl.entropic import EntropicSchedule
 from evodiff_pl.networks import build_network
-from evodiff_pl.precond import EDMPrecond
+from evodiff_pl.networks.unet import upgrade_v1_songunet
+from evodiff_pl.precond import Precond, build_precond
 
 CHECKPOINT_KEY = "evodiff"
 FORMAT = "evodiff-pl/checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HPC_PATTERN = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 COMPARED_SECTIONS = ("model", "data", "entropic.n_bins", "entropic.ema_decay")
 """Config entries that must match between a checkpoint and the run resuming it."""
@@ -103,8 +109,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} was not written by evodiff-pl's train.py (no {CHECKPOINT_KEY!r} entry)")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')!r}; this code reads {VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')!r}; this code reads "
+                              f"{READABLE_VERSIONS}")
     return ckpt
 
 
@@ -172,7 +179,11 @@ def resume_checkpoint(resume: str, ckpt_dir: str | Path, config: dict[str, Any])
     path = newest_checkpoint(ckpt_dir) if resume == "auto" else Path(resume)
     if path is None:
         return None
-    check_compatible(read_checkpoint(path), path, config)
+    ckpt = read_checkpoint(path)
+    if ckpt[CHECKPOINT_KEY]["version"] != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {ckpt[CHECKPOINT_KEY]['version']} (the U-Net "
+                              "layout before NVlabs'); it can be sampled from (load_denoiser) but not resumed")
+    check_compatible(ckpt, path, config)
     return path
 
 
@@ -180,8 +191,8 @@ def resume_checkpoint(resume: str, ckpt_dir: str | Path, config: dict[str, Any])
 class LoadedCheckpoint:
     """A denoiser rebuilt from a checkpoint, with its learned schedule and metadata."""
 
-    denoiser: EDMPrecond
-    """EDMPrecond in eval mode with the EMA (default) or raw weights."""
+    denoiser: Precond
+    """The preconditioned denoiser D(x, sigma, labels) in eval mode with the EMA (default) or raw weights."""
     schedule: EntropicSchedule | None
     """The entropic schedule stored in the checkpoint (None if it had none yet)."""
     meta: dict[str, Any]
@@ -217,14 +228,22 @@ def _weights(ckpt: dict[str, Any], path: Path, ema: bool) -> dict[str, torch.Ten
 
 
 def load_denoiser(path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the denoiser of a train.py checkpoint (file or run directory) for sampling; no Lightning module needed."""
+    """Rebuild the denoiser of a train.py checkpoint (file or run directory), or of an NVlabs edm pickle (`.pkl`,
+    see `evodiff_pl.nvlabs`), for sampling; no Lightning module needed."""
+    if Path(path).suffix == ".pkl":
+        from evodiff_pl.nvlabs import load_nvlabs_pickle
+
+        return load_nvlabs_pickle(path, map_location=map_location)
     path = locate_checkpoint(path)
     ckpt = read_checkpoint(path)
     meta = ckpt[CHECKPOINT_KEY]
     net = meta["network"]
-    denoiser = EDMPrecond(build_network(net["name"], **net["kwargs"]), sigma_data=meta["sigma_data"])
+    precond = meta.get("precond", {"name": "edm", "kwargs": {"sigma_data": meta["sigma_data"]}})
+    denoiser = build_precond(precond["name"], build_network(net["name"], **net["kwargs"]), **precond["kwargs"])
     prefix = _prefix(ema)
     state = {k[len(prefix):]: v for k, v in _weights(ckpt, path, ema).items()}
+    if meta["version"] == 1 and net["name"] == "songunet":
+        state = upgrade_v1_songunet(state, denoiser.backbone, prefix="backbone.")
     missing, unexpected = denoiser.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path}: the weights under {prefix!r} do not fit the network "

@@ -51,6 +51,9 @@ class ModelConfig:
     net: Dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the backbone's constructor; shape and label arguments (img_resolution,
     in_channels, out_channels, dim, label_dim) are filled in from the data."""
+    precond: str = "edm"
+    """Preconditioning of the backbone (`evodiff_pl.precond.PRECONDS`): edm, vp, ve or iddpm (EDM Table 1; the
+    VP/VE/iDDPM constants are NVlabs edm's defaults). The loss is EDM's for every choice."""
     sigma_data: float = 0.5
     """σ_d of the EDM preconditioning and loss weight."""
     sigma_min: float = 0.002

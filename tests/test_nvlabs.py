@@ -1,0 +1,140 @@
+"""NVlabs edm pickles: every network kind matches edm's recorded outputs; no code from a pickle ever runs; other
+files are refused with one line naming what was found."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import types
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evodiff_pl.checkpointing import load_denoiser
+from evodiff_pl.networks.unet import UNetBlock
+from evodiff_pl.nvlabs import NVlabsPickleError, read_nvlabs_pickle
+
+DATA = Path(__file__).parent / "data"
+LABEL_DIMS = {"ddpmpp_edm_cond": 4, "ncsnpp_vp": 0, "songunet_skip_ve_cond": 3, "adm_edm_cond": 5, "adm_iddpm": 0}
+KINDS = list(LABEL_DIMS)
+REF = np.load(DATA / "nvlabs_outputs.npz")
+RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, ref: np.ndarray) -> float:
+    return float(np.abs(a.numpy() - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_matches_edm(kind: str) -> None:
+    loaded = load_denoiser(DATA / "nvlabs" / f"{kind}.pkl")
+    x, sigma = torch.from_numpy(REF[f"{kind}_x"]), torch.from_numpy(REF[f"{kind}_sigma"])
+    labels = torch.from_numpy(REF[f"{kind}_labels"]) if f"{kind}_labels" in REF else None
+    with torch.no_grad():
+        assert _rel(loaded.denoiser(x, sigma, labels), REF[f"{kind}_D"]) <= RTOL
+        if labels is not None:  # no labels = edm's all-zero class label
+            assert _rel(loaded.denoiser(x, sigma), REF[f"{kind}_D_nolabel"]) <= RTOL
+        if f"{kind}_F_aug" in REF:
+            f = loaded.denoiser.backbone(x, torch.from_numpy(REF[f"{kind}_c_noise"]), labels,
+                                         torch.from_numpy(REF[f"{kind}_aug"]))
+            assert _rel(f, REF[f"{kind}_F_aug"]) <= RTOL
+    lo, hi = REF[f"{kind}_sigma_range"]
+    assert loaded.meta["sigma_min"] == pytest.approx(max(0.002, lo), rel=1e-6)
+    assert loaded.meta["sigma_max"] == pytest.approx(min(80.0, hi), rel=1e-6)
+    assert loaded.meta["sample_shape"] == list(x.shape[1:]) and loaded.schedule is None
+    assert loaded.meta["num_classes"] == LABEL_DIMS[kind]
+
+
+def test_multi_head_block_matches_edm() -> None:
+    blk = UNetBlock(8, 16, 12, down=True, attention=True, num_heads=2, skip_scale=0.7, eps=1e-5,
+                    resample_filter=(1, 3, 3, 1), resample_proj=True, adaptive_scale=True).eval()
+    state = {k[len("block_state."):]: torch.from_numpy(REF[k]) for k in REF.files if k.startswith("block_state.")}
+    blk.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        out = blk(torch.from_numpy(REF["block_x"]), torch.from_numpy(REF["block_emb"]))
+    assert _rel(out, REF["block_out"]) <= RTOL
+
+
+# --- hand-made NVlabs-style pickles (persistence records around arbitrary source and class names) -----------
+
+@pytest.fixture
+def fake_persistence(monkeypatch: pytest.MonkeyPatch) -> type:
+    """A class whose instances pickle as edm's persistence records: `Record(meta)` -> the same opcodes."""
+    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta: dict) -> None:
+        raise AssertionError("never called while pickling")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    pkg.persistence = mod
+    monkeypatch.setitem(sys.modules, "torch_utils", pkg)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
+
+    class Record:
+        def __init__(self, class_name: str, source: str = "", **state: object) -> None:
+            self.meta = dict(type="class", version=6, module_src=source, class_name=class_name, state=state)
+
+        def __reduce__(self) -> tuple:
+            return (_reconstruct_persistent_obj, (self.meta,))
+
+    return Record
+
+
+def test_embedded_source_never_runs(tmp_path: Path, fake_persistence: type) -> None:
+    marker = tmp_path / "side_effect.txt"
+    source = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    kwargs = dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet", model_channels=4,
+                  channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    record = fake_persistence("EDMPrecond", source, _init_args=(), _init_kwargs=kwargs,
+                              _parameters=OrderedDict(), _buffers=OrderedDict(), _modules=OrderedDict())
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"ema": record}))
+    with pytest.raises(NVlabsPickleError, match="do not fit"):  # read (no weights), and nothing executed
+        load_denoiser(path)
+    assert not marker.exists()
+
+
+def test_refuses_other_globals_naming_the_class(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (print, ("hello",))
+
+    path = tmp_path / "other.pkl"
+    path.write_bytes(pickle.dumps({"ema": Payload()}))
+    with pytest.raises(NVlabsPickleError, match=r"refuses to load builtins\.print") as err:
+        load_denoiser(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("what,content,match", [
+    ("stylegan", "stylegan", r"'G', 'G_ema'.*StyleGAN.*expected an NVlabs edm pickle"),
+    ("edm2", "edm2", r"'ema' is an NVlabs 'Precond' \(edm2's network"),
+    ("torch_zip", "zip", r"torch\.save zip archive"),
+    ("legacy_torch", "legacy", r"legacy torch\.save"),
+    ("truncated", "truncated", r"truncated or not a pickle"),
+    ("no_ema", "plain", r"holds keys \['net'\]"),
+])
+def test_other_kinds_get_one_clear_line(tmp_path: Path, fake_persistence: type, what: str, content: str,
+                                        match: str) -> None:
+    path = tmp_path / f"{what}.pkl"
+    if content == "stylegan":
+        path.write_bytes(pickle.dumps({"G": fake_persistence("Generator"), "D": fake_persistence("Discriminator"),
+                                       "G_ema": fake_persistence("Generator"), "training_set_kwargs": {}}))
+    elif content == "edm2":
+        path.write_bytes(pickle.dumps({"ema": fake_persistence("Precond"), "loss_fn": fake_persistence("EDM2Loss")}))
+    elif content == "zip":
+        torch.save({"w": torch.zeros(2)}, path)
+    elif content == "legacy":
+        torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    elif content == "truncated":
+        path.write_bytes((DATA / "nvlabs" / "adm_iddpm.pkl").read_bytes()[:5000])
+    else:
+        path.write_bytes(pickle.dumps({"net": 1}))
+    with pytest.raises(NVlabsPickleError, match=match) as err:
+        read_nvlabs_pickle(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
