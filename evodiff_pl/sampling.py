@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from evodiff_pl.checkpointing import (
 from evodiff_pl.config import suggest
 from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, to_uint8
 from evodiff_pl.entropic import EntropicSchedule, Samples, estimate_mmse
-from evodiff_pl.generate import EvalSpec, generate, needs_learned_schedule, rank_indices
+from evodiff_pl.generate import PROTOCOLS, EvalSpec, generate, needs_learned_schedule, rank_indices
 from evodiff_pl.metrics import FrechetScore
 from evodiff_pl.schedules import SCHEDULES
 from evodiff_pl.solvers import SOLVERS
@@ -67,7 +67,8 @@ class SampleError(ValueError):
 @dataclass
 class SampleConfig:
     ckpt: Optional[str] = None
-    """Required: a train.py run directory (its newest checkpoint) or a .ckpt file."""
+    """Required: a train.py run directory (its newest checkpoint), a .ckpt file or an NVlabs edm network pickle
+    (.pkl: edm-*.pkl or network-snapshot-*.pkl; read without running its code)."""
     ema: bool = True
     """Sample the EMA weights; false: the raw trained weights."""
     solver: str = "evodiff"
@@ -77,6 +78,10 @@ class SampleConfig:
     the schedule stored in the checkpoint, or schedule_file)."""
     nfe: str = "10"
     """Denoiser calls per sample, or a comma-separated list (heun makes 2 per step: even values only)."""
+    protocol: str = "default"
+    """default, or edm: NVlabs edm's generate.py (final Euler step to sigma = 0 counted in nfe, float64 state
+    around the float32 network, per-seed generators on the device): solver=heun schedule=karras nfe=35
+    reproduces generate.py's images for the same seeds."""
     seeds: Optional[str] = None
     """Samples to make, e.g. 0-49999 or 0-7,100; image j uses seed j. Default: 0-63, or with a score one per
     reference sample (at most 50000)."""
@@ -95,6 +100,9 @@ class SampleConfig:
     stats: Optional[str] = None
     """Reference statistics file written by FrechetScore.prepare_real; default: the cached statistics of the
     checkpoint's dataset (computed and cached on first use)."""
+    data: Optional[Dict[str, Any]] = None
+    """The dataset, as train.py's data section (data.name=cifar10 data.root=... data.download=false), for a
+    checkpoint that stores none (an NVlabs pickle): needed by estimate_schedule and by a score without stats."""
     stats_dir: Optional[str] = None
     """Cache of reference statistics; default $EVODIFF_STATS or ~/.cache/evodiff-pl/stats."""
     inception_weights: Optional[str] = None
@@ -103,7 +111,7 @@ class SampleConfig:
     """Learned schedule JSON (schedule.json, or one written by estimate_schedule) instead of the stored one."""
     estimate_schedule: bool = False
     """Instead of sampling, run the dedicated entropic-time estimation pass and write
-    <checkpoint stem>_schedule_estimated.json beside the checkpoint."""
+    <checkpoint stem>_schedule_estimated.json into outdir if given, else beside the checkpoint."""
     levels: int = 128
     """Estimation pass: noise levels K on the Karras grid."""
     pairs: int = 1024
@@ -246,10 +254,11 @@ class Plan:
     reason: str = ""
 
 
-def plan(solver: str, schedule: str, nfe: int, learned: EntropicSchedule | None, meta: dict[str, Any]) -> Plan:
+def plan(solver: str, schedule: str, nfe: int, learned: EntropicSchedule | None, meta: dict[str, Any],
+         protocol: str = "default") -> Plan:
     """The spec and sigma grid of one setting, or a Plan with the reason it is invalid."""
     try:
-        spec = EvalSpec(solver, schedule, nfe)
+        spec = EvalSpec(solver, schedule, nfe, protocol)
         sched = with_kind(learned, schedule) if spec.needs_schedule else None
         return Plan(solver, schedule, nfe, spec, spec.sigmas(meta["sigma_min"], meta["sigma_max"], sched))
     except ValueError as err:
@@ -267,7 +276,8 @@ def plans(cfg: SampleConfig, loaded: LoadedCheckpoint) -> list[Plan]:
     if wanted and learned is None:
         raise SampleError(f"schedule={wanted[0]} needs a learned schedule but checkpoint {loaded.path} stores none "
                           "(trained too briefly?): pass schedule_file=... or make one with estimate_schedule=true")
-    rows = [plan(*combo, learned, loaded.meta) for combo in itertools.product(solvers, schedules, nfes)]
+    check_choice("protocol", cfg.protocol, PROTOCOLS)
+    rows = [plan(*combo, learned, loaded.meta, cfg.protocol) for combo in itertools.product(solvers, schedules, nfes)]
     valid = [p for p in rows if p.spec is not None]
     if len(rows) == 1 and not valid:
         raise SampleError(rows[0].reason)
@@ -277,8 +287,13 @@ def plans(cfg: SampleConfig, loaded: LoadedCheckpoint) -> list[Plan]:
     return rows
 
 
-def checkpoint_data(loaded: LoadedCheckpoint) -> DiffusionDataModule:
-    """The checkpoint's dataset, rebuilt from its stored training config."""
+def checkpoint_data(loaded: LoadedCheckpoint, data: dict[str, Any] | None = None) -> DiffusionDataModule:
+    """The checkpoint's dataset, rebuilt from its stored training config, or from `data` (sample.py's data=)."""
+    if data:
+        return build_data(OmegaConf.create({"data": data, "run": {"seed": 0}}))
+    if loaded.meta.get("config") is None:
+        raise SampleError(f"{loaded.path} stores no dataset: give one as train.py's data section, e.g. "
+                          "data.name=cifar10 data.root=/path data.download=false (or stats= for a score)")
     return build_data(OmegaConf.create(loaded.meta["config"]))
 
 
@@ -309,7 +324,7 @@ def build_score(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.devic
         raise SampleError(f"score=fid_inception needs images; checkpoint {loaded.path} makes vectors of shape "
                           f"{shape} (use score=fd_pixels)")
     stats = reference_stats(cfg.stats, feature) if cfg.stats is not None else None
-    data = None if stats is not None else checkpoint_data(loaded)
+    data = None if stats is not None else checkpoint_data(loaded, cfg.data)
     if cfg.seeds is not None:
         seeds = parse_seeds(cfg.seeds)
     else:
@@ -442,7 +457,8 @@ def run_plan(job: SamplingJob, p: Plan) -> Result:
     with tqdm(total=len(share), unit="img", desc=p.spec.name, disable=not cfg.progress or rank != 0) as bar:
         for chunk in share.split(cfg.batch):  # an empty share is one empty chunk: every rank updates the score
             x = generate(job.loaded.denoiser, chunk, shape, solver=p.spec.solver, sigmas=p.sigmas, seed=0,
-                         batch_size=cfg.batch, num_classes=meta["num_classes"], device=job.device)
+                         batch_size=cfg.batch, num_classes=meta["num_classes"], device=job.device,
+                         **p.spec.generate_options)
             if job.score is not None:
                 job.score.update(x)
             out = to_uint8(x).cpu() if len(shape) == 3 else x.float().cpu()
@@ -519,26 +535,29 @@ def training_samples(data: DiffusionDataModule, labels: bool = False) -> Callabl
     return draw
 
 
-def estimated_schedule_path(ckpt: Path) -> Path:
-    """<checkpoint folder>/<checkpoint stem>_schedule_estimated.json."""
-    return ckpt.with_name(f"{ckpt.stem}_schedule_estimated.json")
+def estimated_schedule_path(ckpt: Path, outdir: str | None = None) -> Path:
+    """<outdir or the checkpoint's folder>/<checkpoint stem>_schedule_estimated.json."""
+    name = f"{ckpt.stem}_schedule_estimated.json"
+    return Path(outdir) / name if outdir is not None else ckpt.with_name(name)
 
 
 def estimate(job: SamplingJob) -> Path:
     """The dedicated estimation pass (levels x pairs, over all ranks) on the checkpoint's denoiser and dataset;
-    rank 0 writes the schedule atomically beside the checkpoint. Returns its path."""
+    rank 0 writes the schedule atomically into outdir, or beside the checkpoint. Returns its path."""
     cfg, loaded, meta = job.cfg, job.loaded, job.loaded.meta
     sigmas, mmse = estimate_mmse(
-        loaded.denoiser, training_samples(checkpoint_data(loaded), labels=bool(meta["num_classes"])),
+        loaded.denoiser, training_samples(checkpoint_data(loaded, cfg.data), labels=bool(meta["num_classes"])),
         n_levels=cfg.levels, n_pairs=cfg.pairs,
         sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"], batch_size=cfg.batch, device=job.device,
         progress=cfg.progress,
     )
-    source = {"checkpoint": str(loaded.path), "global_step": meta["global_step"], "ema": cfg.ema, "n_pairs": cfg.pairs}
-    schedule = EntropicSchedule.from_mmse(sigmas, mmse, kind=meta["config"]["entropic"]["kind"],
+    source = {"checkpoint": str(loaded.path), "global_step": meta.get("global_step"), "ema": cfg.ema,
+              "n_pairs": cfg.pairs}
+    kind = meta["config"]["entropic"]["kind"] if meta.get("config") else "rescaled_entropic"
+    schedule = EntropicSchedule.from_mmse(sigmas, mmse, kind=kind,
                                           dim=math.prod(meta["sample_shape"]), sigma_data=meta["sigma_data"],
                                           source=source)
-    path = estimated_schedule_path(loaded.path)
+    path = estimated_schedule_path(loaded.path, cfg.outdir)
     if world()[0] == 0:
         write_schedule(schedule, path)
         print(f"estimated {schedule.kind} schedule ({cfg.levels} levels x {cfg.pairs} pairs) -> {path}", flush=True)

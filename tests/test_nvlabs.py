@@ -12,8 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from evodiff_pl import sampling
 from evodiff_pl.checkpointing import load_denoiser
+from evodiff_pl.entropic import EntropicSchedule
+from evodiff_pl.generate import EvalSpec, generate, initial_noise
 from evodiff_pl.networks.unet import UNetBlock
 from evodiff_pl.nvlabs import NVlabsPickleError, read_nvlabs_pickle
 
@@ -138,3 +142,45 @@ def test_other_kinds_get_one_clear_line(tmp_path: Path, fake_persistence: type, 
     with pytest.raises(NVlabsPickleError, match=match) as err:
         read_nvlabs_pickle(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+# --- sampling NVlabs pickles -------------------------------------------------------------------------------
+
+def test_edm_protocol_reproduces_generate_py(tmp_path: Path) -> None:
+    """sample.py's protocol=edm (Heun, 18 Karras levels, Euler to 0: 35 NFE) gives edm generate.py's images."""
+    ref = np.load(DATA / "edm_generate_ddpmpp_edm_cond.npz")
+    pkl = DATA / "nvlabs" / "ddpmpp_edm_cond.pkl"
+    assert sampling.main([f"ckpt={pkl}", "solver=heun", "schedule=karras", "nfe=35", "protocol=edm", "seeds=0-7",
+                          "format=npz", f"outdir={tmp_path}", "device=cpu", "batch=3", "progress=false"]) == 0
+    out = np.load(tmp_path / "heun_karras_nfe35_edm.npz")
+    assert np.array_equal(out["seeds"], np.arange(8))
+    edm_float = ref["x_float64"].transpose(0, 2, 3, 1) * 127.5 + 128
+    near_boundary = np.abs(edm_float - np.round(edm_float)) < 1e-4  # float32 round-off can flip these by 1
+    differ = out["images"] != ref["images_uint8"]
+    assert not (differ & ~near_boundary).any() and differ.sum() <= 2
+    loaded = load_denoiser(pkl)
+    spec = EvalSpec.parse("heun/karras/35/edm")
+    _, labels = initial_noise(torch.arange(8), (3, 8, 8), 0, 4)
+    assert spec.n_steps == 17 and np.array_equal(labels.numpy(), ref["labels"])
+    x = generate(loaded.denoiser, torch.arange(8), (3, 8, 8), solver="heun", seed=0, batch_size=8, num_classes=4,
+                 sigmas=spec.sigmas(loaded.meta["sigma_min"], loaded.meta["sigma_max"]), **spec.generate_options)
+    assert x.dtype == torch.float64 and _rel(x, ref["x_float64"]) <= RTOL
+
+
+def test_estimate_schedule_on_a_pickle_needs_data_and_writes_to_outdir(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    pkl = DATA / "nvlabs" / "ncsnpp_vp.pkl"
+    assert sampling.main([f"ckpt={pkl}", "estimate_schedule=true", "device=cpu", "progress=false"]) == 1
+    assert "stores no dataset" in capsys.readouterr().err
+    folder = tmp_path / "images"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(g.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    assert sampling.main([f"ckpt={pkl}", "estimate_schedule=true", "levels=4", "pairs=6", "batch=12", "device=cpu",
+                          "progress=false", "data.name=image_folder", f"data.root={folder}", "data.resolution=8", "data.batch_size=6",
+                          f"outdir={out}"]) == 0
+    schedule = EntropicSchedule.load(out / "ncsnpp_vp_schedule_estimated.json")
+    assert schedule.kind == "rescaled_entropic"
+    assert not (pkl.parent / "ncsnpp_vp_schedule_estimated.json").exists()
