@@ -1,5 +1,6 @@
-"""NVlabs edm network pickles (`edm-*.pkl`, training snapshots `network-snapshot-*.pkl`) read without running
-their code.
+"""Files from NVlabs edm and its ecosystem: network pickles (`edm-*.pkl`, training snapshots
+`network-snapshot-*.pkl`) read without running their code, and (mu, sigma) reference statistics (edm's
+`fid.py ref`, pytorch-fid's `--save-stats`).
 
 Such a pickle is a dict whose `ema` entry is the network. NVlabs' loader re-executes the Python source that
 each of their "persistent" objects carries; this reader never does. A restricted unpickler admits only
@@ -234,3 +235,28 @@ def load_nvlabs_pickle(path: str | Path, *, map_location: str | torch.device = "
     except NVlabsPickleError as err:
         raise NVlabsPickleError(f"{path}: {err}") from None
     return LoadedCheckpoint(denoiser.to(map_location), None, meta, path)
+
+
+NOMINAL_COUNT = 50_000
+"""Sample count given to (mu, sigma) statistics, which store none (FID-50k); the covariance does not depend on it."""
+
+
+def read_mu_sigma_npz(path: str | Path, num_features: int) -> dict[str, torch.Tensor]:
+    """(mu, sigma) statistics in an .npz (edm's `fid.py ref`, pytorch-fid) as running sums (`sum`, `outer_sum`,
+    `count` = NOMINAL_COUNT) from which the unbiased covariance gives back sigma; ValueError for another
+    feature size or content."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as err:
+        raise ValueError(f"stats file {path} is not a readable .npz: {type(err).__name__}: {err}") from None
+    if not {"mu", "sigma"} <= set(arrays):
+        raise ValueError(f"stats file {path} holds {sorted(arrays)}, not the arrays mu and sigma")
+    mu = torch.from_numpy(arrays["mu"]).to(torch.float64)
+    sigma = torch.from_numpy(arrays["sigma"]).to(torch.float64)
+    if mu.shape != (num_features,) or sigma.shape != (num_features, num_features):
+        raise ValueError(f"stats file {path} holds {tuple(mu.shape)}-d statistics (mu {tuple(mu.shape)}, sigma "
+                         f"{tuple(sigma.shape)}); this score needs {num_features}-d features")
+    n = NOMINAL_COUNT
+    # sum = n·mu, outer_sum = (n − 1)·sigma + n·mu muᵀ, so that (outer_sum − n·mu muᵀ)/(n − 1) = sigma
+    return {"sum": n * mu, "outer_sum": (n - 1) * sigma + n * torch.outer(mu, mu), "count": torch.tensor(n)}

@@ -47,7 +47,8 @@ from evodiff_pl.config import suggest
 from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, to_uint8
 from evodiff_pl.entropic import EntropicSchedule, Samples, estimate_mmse
 from evodiff_pl.generate import PROTOCOLS, EvalSpec, generate, needs_learned_schedule, rank_indices
-from evodiff_pl.metrics import FrechetScore
+from evodiff_pl.metrics import FrechetScore, InceptionFeatures
+from evodiff_pl.nvlabs import read_mu_sigma_npz
 from evodiff_pl.schedules import SCHEDULES
 from evodiff_pl.solvers import SOLVERS
 from evodiff_pl.training import build_data
@@ -298,9 +299,15 @@ def checkpoint_data(loaded: LoadedCheckpoint, data: dict[str, Any] | None = None
 
 
 def reference_stats(path: str, feature: str) -> dict[str, Any]:
-    """A statistics file of `FrechetScore.prepare_real`, checked to hold `feature` features."""
+    """A statistics file of `FrechetScore.prepare_real`, checked to hold `feature` features; for fid_inception also
+    an .npz of (mu, sigma) as edm's fid.py and pytorch-fid write (`evodiff_pl.nvlabs.read_mu_sigma_npz`)."""
     if not Path(path).is_file():
         raise SampleError(f"stats file {path} does not exist")
+    if path.endswith(".npz") and feature == "inception":
+        try:
+            return read_mu_sigma_npz(path, InceptionFeatures.num_features)
+        except ValueError as err:
+            raise SampleError(f"score=fid_inception: {err} (InceptionV3 pool features)") from None
     try:
         stats = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -335,7 +342,7 @@ def build_score(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.devic
         score = FrechetScore(feature, num_samples=len(seeds), shape=shape, weights_path=cfg.inception_weights,
                              stats_dir=cfg.stats_dir).to(device)
         if stats is not None:
-            score.load_real(cfg.stats, rank=rank)
+            score.load_real(stats, rank=rank)
         else:
             score.prepare_real(data, rank=rank)
     except DatasetNotFoundError:

@@ -19,7 +19,8 @@ from evodiff_pl.checkpointing import load_denoiser
 from evodiff_pl.entropic import EntropicSchedule
 from evodiff_pl.generate import EvalSpec, generate, initial_noise
 from evodiff_pl.networks.unet import UNetBlock
-from evodiff_pl.nvlabs import NVlabsPickleError, read_nvlabs_pickle
+from evodiff_pl.metrics import FrechetScore, frechet_distance, gaussian_fit
+from evodiff_pl.nvlabs import NVlabsPickleError, read_mu_sigma_npz, read_nvlabs_pickle
 
 DATA = Path(__file__).parent / "data"
 LABEL_DIMS = {"ddpmpp_edm_cond": 4, "ncsnpp_vp": 0, "songunet_skip_ve_cond": 3, "adm_edm_cond": 5, "adm_iddpm": 0}
@@ -184,3 +185,40 @@ def test_estimate_schedule_on_a_pickle_needs_data_and_writes_to_outdir(tmp_path:
     schedule = EntropicSchedule.load(out / "ncsnpp_vp_schedule_estimated.json")
     assert schedule.kind == "rescaled_entropic"
     assert not (pkl.parent / "ncsnpp_vp_schedule_estimated.json").exists()
+
+
+# --- (mu, sigma) reference statistics of edm's fid.py and pytorch-fid ---------------------------------------
+
+class _Flat(torch.nn.Module):
+    num_features = 6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1).to(torch.float64)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])  # edm fid.py ref / pytorch-fid --save-stats
+def test_mu_sigma_npz_gives_the_frechet_distance_to_those_moments(tmp_path: Path, save) -> None:
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(6, generator=g, dtype=torch.float64)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    sigma = a @ a.T / 6 + 0.1 * torch.eye(6, dtype=torch.float64)
+    save(tmp_path / "ref.npz", mu=mu.numpy(), sigma=sigma.numpy())
+    samples = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    score = FrechetScore(_Flat(), num_samples=40, stats_dir=tmp_path)
+    score.load_real(read_mu_sigma_npz(tmp_path / "ref.npz", 6))
+    score.update(samples)
+    expected = frechet_distance(*gaussian_fit(samples), mu, sigma)
+    assert score.compute() == pytest.approx(expected, rel=1e-9)
+
+
+def test_mu_sigma_npz_of_the_wrong_size_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / "other.npz", mean=np.zeros(2048))
+    ckpt = Path(__file__).parents[1] / "benchmarks" / "results" / "digits_640k_ema.ckpt"
+    for name, message in [("small", "holds (64,)-d statistics (mu (64,), sigma (64, 64)); this score needs 2048-d"),
+                          ("other", "holds ['mean'], not the arrays mu and sigma")]:
+        args = [f"ckpt={ckpt}", "score=fid_inception", f"stats={tmp_path / name}.npz", f"outdir={tmp_path / 'o'}",
+                "device=cpu", "progress=false"]
+        assert sampling.main(args) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

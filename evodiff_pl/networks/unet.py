@@ -91,9 +91,10 @@ class Conv2d(nn.Module):
             if self.down:
                 x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
+                b = self.bias.to(x.dtype) if self.bias is not None else None
+                return F.conv2d(x, w, b, padding=w_pad)
         if self.bias is not None:
-            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+            x = x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
         return x
 
 
@@ -151,15 +152,15 @@ class UNetBlock(nn.Module):
             scale, shift = params.chunk(2, dim=1)
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = F.silu(self.norm1(x + params))
+            x = F.silu(self.norm1(x.add_(params)))  # in place on conv0's output, which autograd does not keep
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
-        x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
+        x = x.add_(self.skip(orig) if self.skip is not None else orig) * self.skip_scale
         if self.num_heads:
             b, c, h, w = x.shape
             q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
             # softmax(qᵀk/√d) per head (Vaswani et al. 2017), one head per `channels_per_head` channels
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            x = (self.proj(a.transpose(1, 2).reshape(b, c, h, w)) + x) * self.skip_scale
+            x = self.proj(a.transpose(1, 2).reshape(b, c, h, w)).add_(x) * self.skip_scale
         return x
 
 
