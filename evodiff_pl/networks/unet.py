@@ -160,7 +160,8 @@ class UNetBlock(nn.Module):
             q, k, v = self.qkv(self.norm2(x)).reshape(b * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
             # softmax(qᵀk/√d) per head (Vaswani et al. 2017), one head per `channels_per_head` channels
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            x = self.proj(a.transpose(1, 2).reshape(b, c, h, w)).add_(x) * self.skip_scale
+            a = a.transpose(1, 2).contiguous()  # NCHW order: a strided view would make the rest channels-last
+            x = self.proj(a.reshape(b, c, h, w)).add_(x) * self.skip_scale
         return x
 
 
