@@ -94,8 +94,9 @@ def main() -> None:
         ours.train().requires_grad_(True)
         theirs.train().requires_grad_(True)
         times: dict[str, list[float]] = {"ours": [], "nvlabs": []}
+        pair = [("ours", ours), ("nvlabs", theirs)]
         for rep in range(args.reps + 1):
-            for key, net in (("ours", ours), ("nvlabs", theirs)) if rep % 2 == 0 else (("nvlabs", theirs), ("ours", ours)):
+            for key, net in pair if rep % 2 == 0 else pair[::-1]:
                 t = train_step(net, x0, sigma, noise)
                 if rep > 0:
                     times[key].append(t)

@@ -306,7 +306,11 @@ def check_forwarded(cfg: DictConfig) -> None:
     from evodiff_pl.data import DATASETS
     from evodiff_pl.evaluation import SampleQualityCallback
     from evodiff_pl.networks import NETWORKS
+    from evodiff_pl.precond import PRECONDS
 
+    if cfg.model.precond not in PRECONDS:
+        raise ConfigError(f"model.precond={cfg.model.precond!r} is not a preconditioning"
+                          f"{suggest(cfg.model.precond, PRECONDS)}")
     if cfg.model.network not in NETWORKS:
         raise ConfigError(f"model.network={cfg.model.network!r} is not a network{suggest(cfg.model.network, NETWORKS)}")
     check_kwargs("model.net", NETWORKS[cfg.model.network], OmegaConf.to_container(cfg.model.net))

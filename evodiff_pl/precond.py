@@ -22,7 +22,7 @@ def _per_sample(sigma: Tensor | float, batch: int, dtype: torch.dtype, device: t
 
 
 class Precond(nn.Module):
-    """D(x, σ) = c_skip·x + c_out·F(c_in·x, c_noise, labels) around any backbone F; subclasses give the coefficients.
+    """D(x, σ) = c_skip·x + c_out·F(c_in·x, c_noise, labels) around any backbone F; subclasses give the c's.
 
     The coefficients and the skip/out combination run in float32 (float64 for float64 x) with autocast
     off; F itself runs under the caller's autocast. Output dtype = x's dtype. Usable as a solver
@@ -73,7 +73,10 @@ class EDMPrecond(Precond):
 
 
 class VPPrecond(Precond):
-    """Variance-preserving preconditioning (Song et al. 2021; EDM Table 1, "VP"): σ(t) = √(exp(½β_d t² + β_min t) − 1)."""
+    """Variance-preserving preconditioning (Song et al. 2021; EDM Table 1, "VP").
+
+    σ(t) = √(exp(½β_d t² + β_min t) − 1), t ∈ [epsilon_t, 1]; c_noise = (M − 1)·t(σ).
+    """
 
     def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, beta_d: float = 19.9, beta_min: float = 0.1,
                  M: int = 1000, epsilon_t: float = 1e-5) -> None:
@@ -135,7 +138,7 @@ class iDDPMPrecond(Precond):
         return out.reshape(sigma.shape).to(sigma.device)
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        # EDM Table 1 (iDDPM): c_skip = 1, c_out = −σ, c_in = 1/√(σ²+1), c_noise = M − 1 − argmin_j |u_j − σ|
+        # EDM Table 1 (iDDPM): c_skip = 1, c_out = −σ, c_in = 1/√(σ²+1), c_noise = M − 1 − argmin |u_j − σ|
         c_noise = (self.M - 1 - self.round_sigma(sigma, return_index=True)).to(sigma.dtype)
         return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
 

@@ -180,7 +180,8 @@ def test_estimate_schedule_on_a_pickle_needs_data_and_writes_to_outdir(tmp_path:
         Image.fromarray(g.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     out = tmp_path / "out"
     assert sampling.main([f"ckpt={pkl}", "estimate_schedule=true", "levels=4", "pairs=6", "batch=12", "device=cpu",
-                          "progress=false", "data.name=image_folder", f"data.root={folder}", "data.resolution=8", "data.batch_size=6",
+                          "progress=false", "data.name=image_folder", f"data.root={folder}", "data.resolution=8",
+                          "data.batch_size=6",
                           f"outdir={out}"]) == 0
     schedule = EntropicSchedule.load(out / "ncsnpp_vp_schedule_estimated.json")
     assert schedule.kind == "rescaled_entropic"

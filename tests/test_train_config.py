@@ -46,6 +46,7 @@ def test_unknown_key_names_key_and_closest(override, key, suggestion):
         ("data.batch_size=[1]", "data.batch_size"),
         ("trainer.precision=bf16", "bf16-mixed"),
         ("model.network=unet", "songunet"),
+        ("model.precond=vpp", "model.precond='vpp' is not a preconditioning"),
         ("data.name=digit", "digits"),
     ],
 )
