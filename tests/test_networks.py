@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from evodiff_pl.checkpointing import load_denoiser
+from evodiff_pl.checkpointing import CheckpointError, load_denoiser, resume_checkpoint
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.networks.layers import LabelEmbedding
 from evodiff_pl.networks.unet import GroupNorm
@@ -147,3 +147,9 @@ def test_old_layout_checkpoints_give_the_recorded_outputs(run: str) -> None:
         d64 = den.double()(x, sigma).numpy()
     for d, key, tol in [(d32, f"d_{run}_float32", 1e-5), (d64, f"d_{run}_float64", 1e-9)]:
         assert np.abs(d - ref[key]).max() <= tol * np.abs(ref[key]).max(), key
+
+
+def test_old_layout_checkpoint_is_not_resumed(tmp_path: Path) -> None:
+    ckpt = Path(__file__).parents[1] / "benchmarks" / "results" / "digits_640k_ema.ckpt"
+    with pytest.raises(CheckpointError, match="format version 1 .*sampled from .* but not resumed"):
+        resume_checkpoint(str(ckpt), tmp_path, {})
