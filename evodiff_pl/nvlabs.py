@@ -189,6 +189,8 @@ def build_from_record(record: PersistentRecord) -> tuple[torch.nn.Module, dict[s
     if record.init_args:
         raise NVlabsPickleError(f"{cls} was built with positional arguments; only keyword arguments are read")
     kwargs = dict(record.init_kwargs)
+    if "img_resolution" not in kwargs or "img_channels" not in kwargs:
+        raise NVlabsPickleError(f"{cls} records no img_resolution/img_channels (init kwargs {sorted(kwargs)})")
     res, channels = kwargs.pop("img_resolution"), kwargs.pop("img_channels")
     label_dim = int(kwargs.pop("label_dim", 0))
     kwargs.pop("use_fp16", None)

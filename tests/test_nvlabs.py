@@ -223,3 +223,10 @@ def test_mu_sigma_npz_of_the_wrong_size_is_refused(tmp_path: Path, capsys: pytes
         assert sampling.main(args) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_record_without_its_shape_is_refused(tmp_path: Path, fake_persistence: type) -> None:
+    path = tmp_path / "noshape.pkl"
+    path.write_bytes(pickle.dumps({"ema": fake_persistence("EDMPrecond", _init_kwargs={"label_dim": 0})}))
+    with pytest.raises(NVlabsPickleError, match="records no img_resolution"):
+        load_denoiser(path)
