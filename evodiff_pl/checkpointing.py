@@ -4,13 +4,16 @@ Format (a Lightning checkpoint, loadable with `torch.load(..., weights_only=True
 - `state_dict`: `net.*` the trained EDMPrecond (backbone under `net.backbone.*`), `ema.*` its EMA copy;
 - `optimizer_states`, `loops`, `callbacks`, `global_step`, ...: Lightning's training state;
 - `evodiff` (`CHECKPOINT_KEY`): `format`, `version`, `config` (the resolved config), `network`
-  (`name`, `kwargs`: everything `evodiff_pl.networks.build_network` needs), `sigma_data`, `sigma_min`,
+  (`name`, `kwargs`: everything `evodiff_pl.networks.build_network` needs), `precond` (`name`, `kwargs` of
+  `evodiff_pl.precond.build_precond`; absent before version 2: EDM with `sigma_data`), `sigma_data`, `sigma_min`,
   `sigma_max`, `sample_shape`, `num_classes`, `data` (`name`, `stats_key`), `images_seen`,
   `batches_seen`, `global_step`, `tracker`, `schedule` (`EntropicSchedule.to_dict()` or None), `rng`,
   `config_history` (settings changed on resume, with the step), `completed` (the final evaluation ran), and
   `digest`: a BLAKE2b hash of everything else in the file (every tensor's bytes, every other value's repr),
-  checked on every load, so a damaged file is refused instead of resumed (format version 2; version-1 files,
-  which have no digest, still load).
+  checked on every load, so a damaged file is refused instead of resumed.
+Version 2: the U-Nets have NVlabs edm's parameter layout and the file carries its digest; version 1 files (the
+older SongUNet layout, no digest) are mapped on load (`networks.unet.upgrade_v1_songunet`) and can be sampled
+from, not resumed. NVlabs pickles (`.pkl`) are read by `evodiff_pl.nvlabs`.
 `load_denoiser` rebuilds the (EMA) denoiser and its schedule from this without Lightning or the training
 code; the training side (resume rules, the Lightning plugin and callback) is `evodiff_pl.resume`.
 """
@@ -28,7 +31,8 @@ import torch
 from evodiff_pl.entropic import EntropicSchedule
 from evodiff_pl.fileio import atomic_write
 from evodiff_pl.networks import build_network
-from evodiff_pl.precond import EDMPrecond
+from evodiff_pl.networks.unet import upgrade_v1_songunet
+from evodiff_pl.precond import Precond, build_precond
 
 CHECKPOINT_KEY = "evodiff"
 FORMAT = "evodiff-pl/checkpoint"
@@ -134,8 +138,8 @@ def newest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 class LoadedCheckpoint:
     """A denoiser rebuilt from a checkpoint, with its learned schedule and metadata."""
 
-    denoiser: EDMPrecond
-    """EDMPrecond in eval mode with the EMA (default) or raw weights."""
+    denoiser: Precond
+    """The preconditioned denoiser D(x, sigma, labels) in eval mode with the EMA (default) or raw weights."""
     schedule: EntropicSchedule | None
     """The entropic schedule stored in the checkpoint (None if it had none yet)."""
     meta: dict[str, Any]
@@ -171,14 +175,22 @@ def _weights(ckpt: dict[str, Any], path: Path, ema: bool) -> dict[str, torch.Ten
 
 
 def load_denoiser(path: str | Path, *, ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the denoiser of a train.py checkpoint (file or run directory) for sampling; no Lightning module needed."""
+    """Rebuild the denoiser of a train.py checkpoint (file or run directory), or of an NVlabs edm pickle (`.pkl`,
+    see `evodiff_pl.nvlabs`), for sampling; no Lightning module needed."""
+    if Path(path).suffix == ".pkl":
+        from evodiff_pl.nvlabs import load_nvlabs_pickle
+
+        return load_nvlabs_pickle(path, map_location=map_location)
     path = locate_checkpoint(path)
     ckpt = read_checkpoint(path)
     meta = ckpt[CHECKPOINT_KEY]
     net = meta["network"]
-    denoiser = EDMPrecond(build_network(net["name"], **net["kwargs"]), sigma_data=meta["sigma_data"])
+    precond = meta.get("precond", {"name": "edm", "kwargs": {"sigma_data": meta["sigma_data"]}})
+    denoiser = build_precond(precond["name"], build_network(net["name"], **net["kwargs"]), **precond["kwargs"])
     prefix = _prefix(ema)
     state = {k[len(prefix):]: v for k, v in _weights(ckpt, path, ema).items()}
+    if meta["version"] == 1 and net["name"] == "songunet":
+        state = upgrade_v1_songunet(state, denoiser.backbone, prefix="backbone.")
     missing, unexpected = denoiser.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path}: the weights under {prefix!r} do not fit the network "
@@ -195,5 +207,5 @@ def export_weights(src: str | Path, dst: str | Path, *, ema: bool = True) -> Pat
     ckpt = read_checkpoint(path)
     state = {k: v.clone() for k, v in _weights(ckpt, path, ema).items()}
     dst = Path(dst)
-    write_checkpoint(dst, {"state_dict": state, CHECKPOINT_KEY: dict(ckpt[CHECKPOINT_KEY], version=VERSION)})
+    write_checkpoint(dst, {"state_dict": state, CHECKPOINT_KEY: dict(ckpt[CHECKPOINT_KEY])})
     return dst

@@ -52,6 +52,9 @@ class ModelConfig:
     net: Dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the backbone's constructor; shape and label arguments (img_resolution,
     in_channels, out_channels, dim, label_dim) are filled in from the data."""
+    precond: str = "edm"
+    """Preconditioning of the backbone (`evodiff_pl.precond.PRECONDS`): edm, vp, ve or iddpm (EDM Table 1; the
+    VP/VE/iDDPM constants are NVlabs edm's defaults). The loss is EDM's for every choice."""
     sigma_data: float = 0.5
     """σ_d of the EDM preconditioning and loss weight."""
     sigma_min: float = 0.002
@@ -305,7 +308,11 @@ def check_forwarded(cfg: DictConfig) -> None:
     from evodiff_pl.data import DATASETS
     from evodiff_pl.evaluation import SampleQualityCallback
     from evodiff_pl.networks import NETWORKS
+    from evodiff_pl.precond import PRECONDS
 
+    if cfg.model.precond not in PRECONDS:
+        raise ConfigError(f"model.precond={cfg.model.precond!r} is not a preconditioning"
+                          f"{suggest(cfg.model.precond, PRECONDS)}")
     if cfg.model.network not in NETWORKS:
         raise ConfigError(f"model.network={cfg.model.network!r} is not a network{suggest(cfg.model.network, NETWORKS)}")
     check_kwargs("model.net", NETWORKS[cfg.model.network], OmegaConf.to_container(cfg.model.net))

@@ -54,9 +54,9 @@ class SampleQualityCallback(L.Callback):
     ) -> None:
         """
         Args:
-            specs: evaluation settings, as EvalSpec or "solver/schedule/nfe" strings (e.g.
+            specs: evaluation settings, as EvalSpec or "solver/schedule/nfe[/protocol]" strings (e.g.
                 "evodiff/rescaled_entropic/10", "dpmpp_2m/logsnr/10", "heun/karras/36": heun makes
-                2 NFE per step, so its NFE is even).
+                2 NFE per step, so its NFE is even; "heun/karras/35/edm": EDM's generate.py protocol).
             num_samples: generated samples per spec and evaluation, over all ranks.
             every_n_evals: evaluate at every n-th validation epoch (sanity check excluded).
             every_n_images: evaluate at the first validation after each multiple of n training images
@@ -168,6 +168,7 @@ class SampleQualityCallback(L.Callback):
         return generate(
             pl_module.ema, indices, tuple(pl_module.sample_shape), solver=spec.solver, sigmas=sigmas,
             seed=self.seed, batch_size=self.batch_size, num_classes=pl_module.num_classes, device=pl_module.device,
+            **spec.generate_options,
         )
 
     def evaluate(

@@ -4,6 +4,12 @@ Sample j of a run with base seed s draws its initial noise and its class label f
 `torch.Generator` seeded with s + j, so an image depends only on (j, s): never on the batch size,
 the number of processes or the device. The validation callback (`evodiff_pl.evaluation`) and
 `sample.py` both generate through `generate`.
+
+Protocols (`PROTOCOLS`, the fourth field of a spec "solver/schedule/nfe/protocol"): `default` as above;
+`edm` is NVlabs edm's generate.py: the grid ends with a plain Euler step to σ = 0 (`denoise_to_zero`, +1 NFE:
+heun/karras/35 is EDM's 18-level Heun), the state is float64 while the network runs in float32, and the
+per-seed generators live on the sampling device, so the images equal generate.py's for the same seeds
+(on the same device).
 """
 
 from __future__ import annotations
@@ -27,25 +33,36 @@ def rank_indices(num_samples: int, rank: int, world_size: int) -> Tensor:
     return torch.arange(num_samples, dtype=torch.int64)[rank::world_size]
 
 
-def initial_noise(
-    indices: Tensor, shape: tuple[int, ...], seed: int, num_classes: int = 0
-) -> tuple[Tensor, Tensor | None]:
-    """Unit-variance float32 noise (len(indices), *shape) on the CPU and int64 labels (None if num_classes == 0).
+PROTOCOLS = ("default", "edm")
+"""Generation protocols; see the module docstring."""
 
-    Sample j draws its noise, then its label, from a generator seeded with seed + j.
+
+def initial_noise(
+    indices: Tensor, shape: tuple[int, ...], seed: int, num_classes: int = 0, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor | None]:
+    """Unit-variance float32 noise (len(indices), *shape) and int64 labels (None if num_classes == 0) on `device`.
+
+    Sample j draws its noise, then its label, from a generator on `device` seeded with (seed + j) mod 2^32
+    (edm's StackedRandomGenerator); on the CPU this does not depend on the machine.
     """
-    noise = torch.empty(len(indices), *shape)
-    labels = torch.empty(len(indices), dtype=torch.int64) if num_classes > 0 else None
+    device = torch.device(device)
+    noise = torch.empty(len(indices), *shape, device=device)
+    labels = torch.empty(len(indices), dtype=torch.int64, device=device) if num_classes > 0 else None
     for row, j in enumerate(indices.tolist()):
-        g = torch.Generator().manual_seed(seed + j)
-        noise[row] = torch.randn(shape, generator=g)
+        g = torch.Generator(device).manual_seed((seed + j) % (1 << 32))
+        noise[row] = torch.randn(shape, generator=g, device=device)
         if labels is not None:
-            labels[row] = torch.randint(num_classes, (), generator=g)
+            labels[row] = torch.randint(num_classes, (), generator=g, device=device)
     return noise, labels
 
 
-def _with_labels(denoiser: Callable[..., Tensor], labels: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda x, sigma: denoiser(x, sigma, labels)
+def _bind(denoiser: Callable[..., Tensor], labels: Tensor | None,
+          net_dtype: torch.dtype | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """D(x, sigma) with the labels bound, evaluated in `net_dtype` (if given) and returned in x's dtype."""
+    extra = () if labels is None else (labels,)
+    if net_dtype is None:
+        return lambda x, sigma: denoiser(x, sigma, *extra)
+    return lambda x, sigma: denoiser(x.to(net_dtype), sigma.to(net_dtype), *extra).to(x.dtype)
 
 
 def generate(
@@ -60,6 +77,8 @@ def generate(
     num_classes: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    net_dtype: torch.dtype | None = None,
+    noise_on_device: bool = False,
     progress: bool = False,
     **solver_options,
 ) -> Tensor:
@@ -76,6 +95,8 @@ def generate(
         num_classes: > 0 draws one class label per sample (from its own generator) and passes it to D.
         device: where to run; default the CPU.
         dtype: dtype of the state x (float32 for networks, float64 for exact testbeds).
+        net_dtype: dtype the denoiser is called in, if not x's (edm: a float64 state around a float32 network).
+        noise_on_device: draw noise and labels with generators on `device` (edm's generate.py) instead of the CPU.
         progress: show a tqdm bar with images/s.
         **solver_options: passed to the solver (e.g. lower_order_final, denoise_to_zero).
     """
@@ -87,9 +108,9 @@ def generate(
     out = []
     with torch.no_grad(), tqdm(total=len(indices), unit="img", disable=not progress, desc=solver) as bar:
         for chunk in indices.split(batch_size) if len(indices) else ():
-            noise, labels = initial_noise(chunk, shape, seed, num_classes)
+            noise, labels = initial_noise(chunk, shape, seed, num_classes, device if noise_on_device else "cpu")
             x = noise.to(device=device, dtype=dtype) * sigma_max
-            fn = denoiser if labels is None else _with_labels(denoiser, labels.to(device))
+            fn = _bind(denoiser, None if labels is None else labels.to(device), net_dtype)
             out.append(solve(solver, fn, x, sigmas, **solver_options))
             bar.update(len(chunk))
     return torch.cat(out) if out else torch.empty(0, *shape, device=device, dtype=dtype)
@@ -134,34 +155,52 @@ class EvalSpec:
     """A name of `evodiff_pl.schedules.SCHEDULES`."""
     nfe: int
     """Total denoiser calls per sample; the number of steps follows from the solver's `nfe()`."""
+    protocol: str = "default"
+    """A name of `PROTOCOLS`: `edm` adds EDM's final Euler step to σ = 0 (counted in nfe) and its seeding."""
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; valid: {', '.join(SOLVERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        steps_for_nfe(self.solver, self.nfe)
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        steps_for_nfe(self.solver, self.nfe, **self.solver_options)
 
     @classmethod
     def parse(cls, spec: "EvalSpec | str | Mapping") -> "EvalSpec":
-        """From an EvalSpec, a "solver/schedule/nfe" string or a mapping with those keys."""
+        """From an EvalSpec, a "solver/schedule/nfe[/protocol]" string or a mapping with those keys."""
         if isinstance(spec, EvalSpec):
             return spec
         if isinstance(spec, str):
             parts = spec.split("/")
-            if len(parts) != 3 or not parts[2].isdigit():
-                raise ValueError(f"expected 'solver/schedule/nfe' (e.g. 'evodiff/rescaled_entropic/10'), got {spec!r}")
-            return cls(parts[0], parts[1], int(parts[2]))
-        return cls(spec["solver"], spec["schedule"], int(spec["nfe"]))
+            if len(parts) not in (3, 4) or not parts[2].isdigit():
+                raise ValueError("expected 'solver/schedule/nfe' or 'solver/schedule/nfe/protocol' (e.g. "
+                                 f"'evodiff/rescaled_entropic/10', 'heun/karras/35/edm'), got {spec!r}")
+            return cls(parts[0], parts[1], int(parts[2]), *parts[3:])
+        return cls(spec["solver"], spec["schedule"], int(spec["nfe"]), spec.get("protocol", "default"))
 
     @property
     def name(self) -> str:
-        """E.g. evodiff_rescaled_entropic_nfe10."""
-        return f"{self.solver}_{self.schedule}_nfe{self.nfe}"
+        """E.g. evodiff_rescaled_entropic_nfe10, heun_karras_nfe35_edm."""
+        suffix = "" if self.protocol == "default" else f"_{self.protocol}"
+        return f"{self.solver}_{self.schedule}_nfe{self.nfe}{suffix}"
+
+    @property
+    def solver_options(self) -> dict[str, bool]:
+        """Options of the solver call: EDM's protocol ends with a plain Euler step to σ = 0 (D(x, σ_min))."""
+        return {"denoise_to_zero": True} if self.protocol == "edm" else {}
+
+    @property
+    def generate_options(self) -> dict[str, object]:
+        """Keyword arguments of `generate` for this spec's protocol (solver options included)."""
+        if self.protocol == "edm":
+            return dict(dtype=torch.float64, net_dtype=torch.float32, noise_on_device=True, **self.solver_options)
+        return {}
 
     @property
     def n_steps(self) -> int:
-        return steps_for_nfe(self.solver, self.nfe)
+        return steps_for_nfe(self.solver, self.nfe, **self.solver_options)
 
     @property
     def needs_schedule(self) -> bool:

@@ -263,9 +263,13 @@ class FrechetScore:
         atomic_write(path, lambda f: torch.save({**stats, "stats_key": data.stats_key(), "feature": self.feature_name}, f))
         return path
 
-    def load_real(self, path: str | os.PathLike, *, rank: int = 0) -> None:
-        """Load reference statistics from a file written by `prepare_real` into the metric on rank 0; zeros elsewhere."""
-        self._set_real(torch.load(path, map_location="cpu", weights_only=True) if rank == 0 else None)
+    def load_real(self, path: str | os.PathLike | dict[str, Tensor], *, rank: int = 0) -> None:
+        """Load reference statistics (a file written by `prepare_real`, or its dict of sum, outer_sum, count) into
+        the metric on rank 0; zeros elsewhere."""
+        if rank != 0:
+            self._set_real(None)
+        else:
+            self._set_real(path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=True))
 
     def reset(self) -> None:
         """Forget the generated samples (the reference statistics stay)."""

@@ -1,8 +1,9 @@
-"""EDM preconditioning and training loss (Karras et al. 2022, Table 1 and eq. (2)/(8))."""
+"""Preconditionings (EDM, VP, VE, iDDPM; Karras et al. 2022, Table 1) and the EDM training loss (eq. (2)/(8))."""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import math
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,13 +21,18 @@ def _per_sample(sigma: Tensor | float, batch: int, dtype: torch.dtype, device: t
     return s.expand(batch)
 
 
-class EDMPrecond(nn.Module):
-    """D(x, σ) = c_skip·x + c_out·F(c_in·x, c_noise, labels) around any backbone F (EDM Table 1).
+class Precond(nn.Module):
+    """D(x, σ) = c_skip·x + c_out·F(c_in·x, c_noise, labels) around any backbone F; subclasses give the c's.
 
     The coefficients and the skip/out combination run in float32 (float64 for float64 x) with autocast
     off; F itself runs under the caller's autocast. Output dtype = x's dtype. Usable as a solver
-    denoiser `D(x, sigma)`; sigma > 0 is a scalar or one value per sample.
+    denoiser `D(x, sigma)`; sigma > 0 is a scalar or one value per sample. `sigma_min`/`sigma_max`: the
+    noise range the formulation supports (edm's attributes of the same names); `sigma_data`: σ_d of the data,
+    used by the loss weight and the tracker.
     """
+
+    sigma_min: float = 0.0
+    sigma_max: float = float("inf")
 
     def __init__(self, backbone: nn.Module, sigma_data: float = 0.5) -> None:
         super().__init__()
@@ -35,6 +41,28 @@ class EDMPrecond(nn.Module):
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in, c_noise) for noise levels sigma, elementwise in sigma's dtype."""
+        raise NotImplementedError
+
+    def _output(self, f: Tensor, x: Tensor) -> Tensor:
+        """The part of the backbone's output that enters D (all of it, except for iDDPM)."""
+        return f
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        dtype = _compute_dtype(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            s = _per_sample(sigma, x.shape[0], dtype, x.device)
+            c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=dtype, device=x.device).expand(s.shape)
+                                            .reshape(-1, *([1] * (x.ndim - 1))) for c in self.coefficients(s))
+            x_in = c_in * x.to(dtype)
+        f = self._output(self.backbone(x_in, c_noise.reshape(-1), labels), x)
+        with torch.autocast(x.device.type, enabled=False):
+            return (c_skip * x.to(dtype) + c_out * f.to(dtype)).to(x.dtype)
+
+
+class EDMPrecond(Precond):
+    """EDM preconditioning (Karras et al. 2022, Table 1)."""
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sd2 = self.sigma_data**2
         # EDM Table 1: c_skip = σ_d²/(σ²+σ_d²), c_out = σσ_d/√(σ²+σ_d²), c_in = 1/√(σ²+σ_d²), c_noise = ¼ ln σ
         c_skip = sd2 / (sigma**2 + sd2)
@@ -43,15 +71,90 @@ class EDMPrecond(nn.Module):
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
 
-    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        dtype = _compute_dtype(x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            s = _per_sample(sigma, x.shape[0], dtype, x.device)
-            c_skip, c_out, c_in, c_noise = (c.reshape(-1, *([1] * (x.ndim - 1))) for c in self.coefficients(s))
-            x_in = c_in * x.to(dtype)
-        f = self.backbone(x_in, c_noise.reshape(-1), labels)
-        with torch.autocast(x.device.type, enabled=False):
-            return (c_skip * x.to(dtype) + c_out * f.to(dtype)).to(x.dtype)
+
+class VPPrecond(Precond):
+    """Variance-preserving preconditioning (Song et al. 2021; EDM Table 1, "VP").
+
+    σ(t) = √(exp(½β_d t² + β_min t) − 1), t ∈ [epsilon_t, 1]; c_noise = (M − 1)·t(σ).
+    """
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, beta_d: float = 19.9, beta_min: float = 0.1,
+                 M: int = 1000, epsilon_t: float = 1e-5) -> None:
+        super().__init__(backbone, sigma_data)
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
+        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t)))
+        self.sigma_max = float(self.sigma(torch.tensor(1.0)))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """σ(t) of the VP SDE (EDM Table 1)."""
+        return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma: Tensor) -> Tensor:
+        """t(σ) = (√(β_min² + 2β_d ln(1 + σ²)) − β_min)/β_d, the inverse of `sigma`."""
+        return ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # EDM Table 1 (VP): c_skip = 1, c_out = −σ, c_in = 1/√(σ²+1), c_noise = (M−1)·t(σ)
+        return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
+
+
+class VEPrecond(Precond):
+    """Variance-exploding preconditioning (Song et al. 2021; EDM Table 1, "VE")."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.02,
+                 sigma_max: float = 100.0) -> None:
+        super().__init__(backbone, sigma_data)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # EDM Table 1 (VE): c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2)
+        return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
+
+
+class iDDPMPrecond(Precond):
+    """Improved-DDPM preconditioning (Nichol & Dhariwal 2021; EDM Table 1, "iDDPM"): c_noise is the index of the
+    nearest of M discrete levels u_j; a backbone with 2·C output channels (mean and variance) has its first C used."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, C_1: float = 0.001, C_2: float = 0.008,
+                 M: int = 1000) -> None:
+        super().__init__(backbone, sigma_data)
+        self.C_1, self.C_2, self.M = float(C_1), float(C_2), int(M)
+        u = torch.zeros(M + 1)
+        for j in range(M, 0, -1):
+            # EDM Table 1: u_{j−1} = √((u_j² + 1)/max(ᾱ(j−1)/ᾱ(j), C_1) − 1)
+            u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+        self.register_buffer("u", u)
+        self.sigma_min, self.sigma_max = float(u[M - 1]), float(u[0])
+
+    def alpha_bar(self, j: int | Tensor) -> Tensor:
+        """ᾱ_j = sin²(π/2 · j/(M(C_2 + 1))) (EDM Table 1)."""
+        return (0.5 * math.pi * torch.as_tensor(j) / self.M / (self.C_2 + 1)).sin() ** 2
+
+    def round_sigma(self, sigma: Tensor, return_index: bool = False) -> Tensor:
+        """The nearest level u_j to each σ (or its index j)."""
+        u = self.u.to(torch.float32)
+        index = (sigma.to(u.device, torch.float32).reshape(-1, 1) - u.reshape(1, -1)).abs().argmin(dim=1)
+        out = index if return_index else self.u[index].to(sigma.dtype)
+        return out.reshape(sigma.shape).to(sigma.device)
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # EDM Table 1 (iDDPM): c_skip = 1, c_out = −σ, c_in = 1/√(σ²+1), c_noise = M − 1 − argmin |u_j − σ|
+        c_noise = (self.M - 1 - self.round_sigma(sigma, return_index=True)).to(sigma.dtype)
+        return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt(), c_noise
+
+    def _output(self, f: Tensor, x: Tensor) -> Tensor:
+        return f[:, : x.shape[1]]
+
+
+PRECONDS: dict[str, type[Precond]] = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond}
+"""Preconditionings by `model.precond` name."""
+
+
+def build_precond(name: str, backbone: nn.Module, **kwargs: Any) -> Precond:
+    """The preconditioning registered as `name` around `backbone`, with its constructor's keyword arguments."""
+    if name not in PRECONDS:
+        raise ValueError(f"unknown precond {name!r}; valid names: {sorted(PRECONDS)}")
+    return PRECONDS[name](backbone, **kwargs)
 
 
 class LossOutput(NamedTuple):

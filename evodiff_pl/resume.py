@@ -31,7 +31,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import OmegaConf
 
 from evodiff_pl.checkpointing import (
-    CHECKPOINT_KEY, CheckpointError, checkpoint_candidates, newest_checkpoint, read_checkpoint, write_checkpoint,
+    CHECKPOINT_KEY, VERSION, CheckpointError, checkpoint_candidates, newest_checkpoint, read_checkpoint,
+    write_checkpoint,
 )
 from evodiff_pl.config import Config
 from evodiff_pl.dist import world
@@ -154,8 +155,10 @@ def resume_checkpoint(resume: str, ckpt_dir: str | Path, config: dict[str, Any])
                               "to start a new run choose another run.dir")
     if path is None:
         return None
-    ckpt = read_checkpoint(path)
-    meta = ckpt[CHECKPOINT_KEY]
+    meta = read_checkpoint(path)[CHECKPOINT_KEY]
+    if meta["version"] != VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta['version']} (the U-Net layout before "
+                              "NVlabs'); it can be sampled from (load_denoiser, sample.py) but not resumed")
     return ResumePoint(path, meta, config_changes(meta["config"], config, path))
 
 

@@ -34,7 +34,7 @@ from evodiff_pl.evaluation import SampleQualityCallback
 from evodiff_pl.loggers import ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb
 from evodiff_pl.module import EDMModule, NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
-from evodiff_pl.precond import EDMLoss, EDMPrecond
+from evodiff_pl.precond import EDMLoss, build_precond
 from evodiff_pl.resume import (
     STOP, AtomicCheckpointIO, PeriodicCheckpoint, Preempted, Preemption, ResumePoint, RunLock, RunLockedError,
     mark_completed, resume_checkpoint,
@@ -122,10 +122,11 @@ def build(cfg: DictConfig) -> TrainingRun:
     shape, num_classes = tuple(datamodule.shape), datamodule.num_classes
     net_kwargs = network_kwargs(cfg.model.network, OmegaConf.to_container(cfg.model.net), shape, num_classes)
     backbone = construct("model.net", build_network, cfg.model.network, **net_kwargs)
-    net = EDMPrecond(backbone, sigma_data=cfg.model.sigma_data)
+    precond = {"name": cfg.model.precond, "kwargs": {"sigma_data": cfg.model.sigma_data}}
+    net = construct("model.precond", build_precond, precond["name"], backbone, **precond["kwargs"])
     meta = {
         "config": config,
-        "network": {"name": cfg.model.network, "kwargs": net_kwargs},
+        "network": {"name": cfg.model.network, "kwargs": net_kwargs}, "precond": precond,
         "sigma_data": cfg.model.sigma_data, "sigma_min": cfg.model.sigma_min, "sigma_max": cfg.model.sigma_max,
         "sample_shape": list(shape), "num_classes": num_classes,
         "data": {"name": cfg.data.name, "stats_key": datamodule.stats_key()},

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from evodiff_pl.checkpointing import CheckpointError, load_denoiser
+from evodiff_pl.resume import resume_checkpoint
 from evodiff_pl.networks import NETWORKS, build_network
-from evodiff_pl.networks.layers import LabelEmbedding, group_norm
+from evodiff_pl.networks.layers import LabelEmbedding
+from evodiff_pl.networks.unet import GroupNorm
 
 DIGITS = dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=16, channel_mult=(1, 2, 2),
               num_blocks=1, attn_resolutions=(4,), dropout=0.0)
@@ -16,6 +22,8 @@ RGB32 = dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=16
 CIFAR10 = dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=(2, 2, 2),
                num_blocks=4, attn_resolutions=(16,), dropout=0.13)
 MLP = dict(dim=64, hidden=64, depth=2, emb_dim=32)
+ADM = dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=64, channel_mult=(1, 2),
+           num_blocks=1, attn_resolutions=(4,), dropout=0.0)
 
 
 def _inputs(name: str, cfg: dict, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,6 +34,15 @@ def _inputs(name: str, cfg: dict, batch: int = 4) -> tuple[torch.Tensor, torch.T
 
 
 CASES = [("songunet", DIGITS), ("songunet", RGB32), ("mlp", MLP)]
+ALL = CASES + [("dhariwalunet", ADM)]
+
+
+def _randomised(net: nn.Module) -> nn.Module:
+    """Every parameter redrawn ~ N(0, 0.1²): ADM's zero-initialised layers would otherwise block the gradients."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    return net
 
 
 @pytest.mark.parametrize("name,cfg", CASES)
@@ -39,10 +56,16 @@ def test_shape_and_near_zero_init(name: str, cfg: dict, embedding_type: str) -> 
     assert 0 < y.abs().max() < 1e-3  # output layer initialised at 1e-5 x Xavier (EDM)
 
 
-@pytest.mark.parametrize("name,cfg", CASES)
+def test_adm_output_layer_starts_at_zero() -> None:
+    net = build_network("dhariwalunet", **ADM)
+    x, c_noise = _inputs("dhariwalunet", ADM)
+    assert torch.equal(net(x, c_noise), torch.zeros_like(x))  # ADM's zero-initialised output conv (edm)
+
+
+@pytest.mark.parametrize("name,cfg", ALL)
 def test_gradients_reach_every_parameter(name: str, cfg: dict) -> None:
     torch.manual_seed(0)
-    net = build_network(name, **cfg, label_dim=3)
+    net = _randomised(build_network(name, **cfg, label_dim=3))
     x, c_noise = _inputs(name, cfg)
     x.requires_grad_(True)
     y = net(x, c_noise, torch.tensor([0, 1, 2, 1]))
@@ -52,10 +75,10 @@ def test_gradients_reach_every_parameter(name: str, cfg: dict) -> None:
     assert x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name,cfg", CASES)
+@pytest.mark.parametrize("name,cfg", ALL)
 def test_label_conditioning(name: str, cfg: dict) -> None:
     torch.manual_seed(0)
-    net = build_network(name, **cfg, label_dim=10).eval()
+    net = _randomised(build_network(name, **cfg, label_dim=10)).eval()
     x, c_noise = _inputs(name, cfg)
     a = net(x, c_noise, torch.tensor([0, 1, 2, 3]))
     b = net(x, c_noise, torch.tensor([4, 5, 6, 7]))
@@ -76,10 +99,10 @@ def test_label_dropout_only_in_training() -> None:
     assert not (emb.eval()(labels, 256, labels.device, torch.float32) == 0).all(dim=1).any()
 
 
-@pytest.mark.parametrize("name,cfg", CASES)
+@pytest.mark.parametrize("name,cfg", ALL)
 def test_dropout_random_in_train_deterministic_in_eval(name: str, cfg: dict) -> None:
     torch.manual_seed(0)
-    net = build_network(name, **{**cfg, "dropout": 0.3})
+    net = _randomised(build_network(name, **{**cfg, "dropout": 0.3}))
     x, c_noise = _inputs(name, cfg)
     assert not torch.equal(net.train()(x, c_noise), net(x, c_noise))
     assert torch.equal(net.eval()(x, c_noise), net(x, c_noise))
@@ -93,8 +116,8 @@ def test_cifar10_config_size() -> None:
 
 
 def test_registry_errors() -> None:
-    assert set(NETWORKS) == {"songunet", "mlp"}
-    with pytest.raises(ValueError, match="mlp.*songunet"):
+    assert set(NETWORKS) == {"songunet", "dhariwalunet", "mlp"}
+    with pytest.raises(ValueError, match="dhariwalunet.*mlp.*songunet"):
         build_network("resnet")
     with pytest.raises(TypeError, match="widht"):
         build_network("mlp", dim=4, widht=3)
@@ -106,9 +129,28 @@ def test_registry_errors() -> None:
         build_network("songunet", **{**DIGITS, "attn_resolutions": (16,)})
 
 
-@pytest.mark.parametrize("channels", [1, 3, 8, 18, 48, 96, 256, 768])
-def test_group_norm_handles_any_width(channels: int) -> None:
-    gn = group_norm(channels)
-    assert channels % gn.num_groups == 0 and 1 <= gn.num_groups <= 32
-    assert gn.num_groups == 1 or channels // gn.num_groups >= 4
-    assert isinstance(gn, nn.GroupNorm)
+@pytest.mark.parametrize("channels", [8, 48, 96, 256, 768])
+def test_group_norm_groups_as_edm(channels: int) -> None:
+    gn = GroupNorm(channels)
+    assert gn.num_groups == min(32, channels // 4) and isinstance(gn, nn.GroupNorm)
+    with pytest.raises(ValueError, match="groups"):
+        GroupNorm(130)
+
+
+@pytest.mark.parametrize("run", ["640k", "1920k"])
+def test_old_layout_checkpoints_give_the_recorded_outputs(run: str) -> None:
+    """Format-1 checkpoints (the SongUNet layout before NVlabs') are mapped on load: same denoiser as before."""
+    ref = np.load(Path(__file__).parent / "data" / "digits_old_layout_denoiser.npz")
+    den = load_denoiser(Path(__file__).parents[1] / "benchmarks" / "results" / f"digits_{run}_ema.ckpt").denoiser
+    x, sigma = torch.from_numpy(ref["x"]), torch.from_numpy(ref["sigma"])
+    with torch.no_grad():
+        d32 = den(x.float(), sigma.float()).numpy()
+        d64 = den.double()(x, sigma).numpy()
+    for d, key, tol in [(d32, f"d_{run}_float32", 1e-5), (d64, f"d_{run}_float64", 1e-9)]:
+        assert np.abs(d - ref[key]).max() <= tol * np.abs(ref[key]).max(), key
+
+
+def test_old_layout_checkpoint_is_not_resumed(tmp_path: Path) -> None:
+    ckpt = Path(__file__).parents[1] / "benchmarks" / "results" / "digits_640k_ema.ckpt"
+    with pytest.raises(CheckpointError, match="format version 1 .*sampled from .* but not resumed"):
+        resume_checkpoint(str(ckpt), tmp_path, {})

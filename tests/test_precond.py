@@ -9,7 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from evodiff_pl.networks import build_network
-from evodiff_pl.precond import EDMLoss, EDMPrecond, LossOutput
+from evodiff_pl.precond import (
+    PRECONDS, EDMLoss, EDMPrecond, LossOutput, VEPrecond, VPPrecond, build_precond, iDDPMPrecond,
+)
 
 SIGMAS = [0.002, 0.05, 0.5, 1.0, 7.3, 80.0]
 SD = 0.5
@@ -194,3 +196,53 @@ def test_mlp_learns_gaussian_denoiser() -> None:
         opt.zero_grad(set_to_none=True)
     after = eval_excess()
     assert after < 0.05 < before, (before, after)  # weighted loss within 5 % of the Bayes-optimal one
+
+
+def _vp_t(s: float) -> float:
+    """t(σ) of the VP SDE with β_d = 19.9, β_min = 0.1 (EDM Table 1)."""
+    return (math.sqrt(0.1**2 + 2 * 19.9 * math.log(1 + s**2)) - 0.1) / 19.9
+
+
+@pytest.mark.parametrize("name,c_skip,c_out,c_in,c_noise", [
+    ("vp", lambda s: 1.0, lambda s: -s, lambda s: 1 / math.sqrt(s**2 + 1), lambda s: 999 * _vp_t(s)),
+    ("ve", lambda s: 1.0, lambda s: s, lambda s: 1.0, lambda s: math.log(s / 2)),
+])
+def test_vp_ve_coefficients_match_table1_float64(name, c_skip, c_out, c_in, c_noise) -> None:
+    net = build_precond(name, Recorder())
+    x = torch.randn(len(SIGMAS), 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    d = net(x, torch.tensor(SIGMAS, dtype=torch.float64))
+    for i, s in enumerate(SIGMAS):
+        assert net.backbone.c_noise[i].item() == pytest.approx(c_noise(s), rel=1e-12)
+        expected = c_skip(s) * x[i] + c_out(s) * (torch.tanh(c_in(s) * x[i]) + c_noise(s))
+        torch.testing.assert_close(d[i], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_vp_sigma_range_and_inverse() -> None:
+    net = VPPrecond(Zero())
+    t = torch.tensor([1e-5, 0.3, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(net.sigma_inv(net.sigma(t)), t, rtol=1e-10, atol=0)
+    assert net.sigma_min == pytest.approx(float(net.sigma(torch.tensor(1e-5))))
+    assert (VEPrecond(Zero()).sigma_min, VEPrecond(Zero()).sigma_max) == (0.02, 100.0)
+
+
+def test_iddpm_uses_the_nearest_level_and_the_first_channels() -> None:
+    class Double(nn.Module):  # F with 2C channels: mean part = x, variance part = junk
+        def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor | None = None) -> Tensor:
+            self.c_noise = c_noise
+            return torch.cat([x, torch.full_like(x, 1e9)], dim=1)
+
+    net = iDDPMPrecond(Double())
+    u = net.u
+    sigma = torch.stack([u[10] * 1.001, u[500], u[998] * 0.999]).to(torch.float64)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    d = net(x, sigma)
+    assert net.backbone.c_noise.tolist() == [999 - 10, 999 - 500, 999 - 998]
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    torch.testing.assert_close(d, x - sigma.reshape(-1, 1, 1, 1) * c_in.reshape(-1, 1, 1, 1) * x)
+    assert (net.sigma_min, net.sigma_max) == (float(u[999]), float(u[0]))
+
+
+def test_precond_registry() -> None:
+    assert set(PRECONDS) == {"edm", "vp", "ve", "iddpm"}
+    with pytest.raises(ValueError, match="unknown precond 'vpp'"):
+        build_precond("vpp", Zero())

@@ -46,6 +46,7 @@ def test_unknown_key_names_key_and_closest(override, key, suggestion):
         ("data.batch_size=[1]", "data.batch_size"),
         ("trainer.precision=bf16", "bf16-mixed"),
         ("model.network=unet", "songunet"),
+        ("model.precond=vpp", "model.precond='vpp' is not a preconditioning"),
         ("data.name=digit", "digits"),
     ],
 )
@@ -93,3 +94,15 @@ def test_global_batch_must_divide_over_processes(tmp_path):
                             "trainer.strategy=ddp_spawn", "trainer.devices=3", "data.batch_size=64"])
     with pytest.raises(ConfigError, match="data.batch_size=64 .* not divisible by the 3 processes"):
         build(cfg)
+
+
+@pytest.mark.parametrize("precond", ["vp", "ve", "iddpm"])
+def test_precond_comes_from_the_config_and_is_stored(tmp_path, precond):
+    from evodiff_pl.precond import PRECONDS
+    from evodiff_pl.training import build
+
+    cfg = load_config(GMM, [f"run.dir={tmp_path}", "logger.kind=none", "evaluation.enabled=false",
+                            f"model.precond={precond}"])
+    module = build(cfg).module
+    assert type(module.net) is PRECONDS[precond] and type(module.ema) is PRECONDS[precond]
+    assert module.meta["precond"] == {"name": precond, "kwargs": {"sigma_data": 0.5}}

@@ -7,9 +7,9 @@ from typing import Any
 from torch import nn
 
 from evodiff_pl.networks.mlp import MLPDenoiser
-from evodiff_pl.networks.unet import SongUNet
+from evodiff_pl.networks.unet import DhariwalUNet, SongUNet
 
-NETWORKS: dict[str, type[nn.Module]] = {"songunet": SongUNet, "mlp": MLPDenoiser}
+NETWORKS: dict[str, type[nn.Module]] = {"songunet": SongUNet, "dhariwalunet": DhariwalUNet, "mlp": MLPDenoiser}
 
 
 def build_network(name: str, **kwargs: Any) -> nn.Module:
@@ -19,4 +19,4 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
     return NETWORKS[name](**kwargs)
 
 
-__all__ = ["NETWORKS", "MLPDenoiser", "SongUNet", "build_network"]
+__all__ = ["NETWORKS", "DhariwalUNet", "MLPDenoiser", "SongUNet", "build_network"]

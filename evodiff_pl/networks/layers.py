@@ -1,4 +1,5 @@
-"""Pieces shared by the backbones: initialised layers, group norm, noise and label embeddings."""
+"""Pieces of the MLP backbone and the noise embeddings shared with the U-Nets: initialised linear layer, noise and
+label embeddings."""
 
 from __future__ import annotations
 
@@ -25,30 +26,19 @@ def linear(in_features: int, out_features: int, *, scale: float = 1.0, bias: boo
     return _xavier(nn.Linear(in_features, out_features, bias=bias), scale)
 
 
-def conv2d(in_channels: int, out_channels: int, kernel: int, *, scale: float = 1.0) -> nn.Conv2d:
-    """Same-padded nn.Conv2d with EDM's init: Xavier-uniform weight times `scale`, zero bias."""
-    return _xavier(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2), scale)
-
-
-def group_norm(
-    num_channels: int, eps: float = 1e-6, max_groups: int = 32, min_channels_per_group: int = 4
-) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= min(max_groups, C // min_channels_per_group) dividing C (>= 1)."""
-    groups = max(1, min(max_groups, num_channels // min_channels_per_group))
-    while num_channels % groups:
-        groups -= 1
-    return nn.GroupNorm(groups, num_channels, eps=eps)
-
-
 class PositionalEmbedding(nn.Module):
-    """Sinusoids [cos(x f_j), sin(x f_j)], f_j = max_positions^(-j/(C/2 - 1)) (DDPM++; EDM's `endpoint=True`)."""
+    """Sinusoids [cos(x f_j), sin(x f_j)], f_j = (1/max_positions)^(j/(C/2 - endpoint)) (DDPM++, Vaswani et al. 2017).
 
-    def __init__(self, num_channels: int, max_positions: float = 10_000.0) -> None:
+    `endpoint=True` (DDPM++ in EDM's SongUNet, the MLP) puts the lowest frequency at 1/max_positions;
+    False (ADM) stops one step short. Frequencies are float32 (as edm's), cast to x's dtype.
+    """
+
+    def __init__(self, num_channels: int, max_positions: float = 10_000.0, endpoint: bool = False) -> None:
         super().__init__()
         if num_channels % 2 or num_channels < 4:
             raise ValueError(f"positional embedding needs an even num_channels >= 4, got {num_channels}")
         half = num_channels // 2
-        freqs = max_positions ** (-torch.arange(half, dtype=torch.float32) / (half - 1))
+        freqs = (1 / max_positions) ** (torch.arange(half, dtype=torch.float32) / (half - (1 if endpoint else 0)))
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -70,14 +60,13 @@ class FourierEmbedding(nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
-NOISE_EMBEDDINGS: dict[str, type[nn.Module]] = {"positional": PositionalEmbedding, "fourier": FourierEmbedding}
-
-
 def noise_embedding(kind: str, num_channels: int) -> nn.Module:
     """The noise-level embedding `kind` ("positional" for DDPM++, "fourier" for NCSN++) of width num_channels."""
-    if kind not in NOISE_EMBEDDINGS:
-        raise ValueError(f"unknown embedding_type {kind!r}; valid: {sorted(NOISE_EMBEDDINGS)}")
-    return NOISE_EMBEDDINGS[kind](num_channels)
+    if kind == "positional":
+        return PositionalEmbedding(num_channels, endpoint=True)
+    if kind == "fourier":
+        return FourierEmbedding(num_channels)
+    raise ValueError(f"unknown embedding_type {kind!r}; valid: ['fourier', 'positional']")
 
 
 class LabelEmbedding(nn.Module):

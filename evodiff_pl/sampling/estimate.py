@@ -29,26 +29,29 @@ def training_samples(data: DiffusionDataModule, labels: bool = False) -> Callabl
     return draw
 
 
-def estimated_schedule_path(ckpt: Path) -> Path:
-    """<checkpoint folder>/<checkpoint stem>_schedule_estimated.json."""
-    return ckpt.with_name(f"{ckpt.stem}_schedule_estimated.json")
+def estimated_schedule_path(ckpt: Path, outdir: str | None = None) -> Path:
+    """<outdir or the checkpoint's folder>/<checkpoint stem>_schedule_estimated.json."""
+    name = f"{ckpt.stem}_schedule_estimated.json"
+    return Path(outdir) / name if outdir is not None else ckpt.with_name(name)
 
 
 def estimate(job: SamplingJob) -> Path:
     """The dedicated estimation pass (levels x pairs, over all ranks) on the checkpoint's denoiser and dataset;
-    rank 0 writes the schedule atomically beside the checkpoint. Returns its path."""
+    rank 0 writes the schedule atomically into outdir, or beside the checkpoint. Returns its path."""
     cfg, loaded, meta = job.cfg, job.loaded, job.loaded.meta
     sigmas, mmse = estimate_mmse(
-        loaded.denoiser, training_samples(checkpoint_data(loaded), labels=bool(meta["num_classes"])),
+        loaded.denoiser, training_samples(checkpoint_data(loaded, cfg.data), labels=bool(meta["num_classes"])),
         n_levels=cfg.levels, n_pairs=cfg.pairs,
         sigma_min=meta["sigma_min"], sigma_max=meta["sigma_max"], batch_size=cfg.batch, device=job.device,
         progress=cfg.progress,
     )
-    source = {"checkpoint": str(loaded.path), "global_step": meta["global_step"], "ema": cfg.ema, "n_pairs": cfg.pairs}
-    schedule = EntropicSchedule.from_mmse(sigmas, mmse, kind=meta["config"]["entropic"]["kind"],
+    source = {"checkpoint": str(loaded.path), "global_step": meta.get("global_step"), "ema": cfg.ema,
+              "n_pairs": cfg.pairs}
+    kind = meta["config"]["entropic"]["kind"] if meta.get("config") else "rescaled_entropic"
+    schedule = EntropicSchedule.from_mmse(sigmas, mmse, kind=kind,
                                           dim=math.prod(meta["sample_shape"]), sigma_data=meta["sigma_data"],
                                           source=source)
-    path = estimated_schedule_path(loaded.path)
+    path = estimated_schedule_path(loaded.path, cfg.outdir)
     if world()[0] == 0:
         schedule.save(path)
         print(f"estimated {schedule.kind} schedule ({cfg.levels} levels x {cfg.pairs} pairs) -> {path}", flush=True)

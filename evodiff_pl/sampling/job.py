@@ -24,7 +24,8 @@ from evodiff_pl.dist import world
 from evodiff_pl.fileio import atomic_write_text
 from evodiff_pl.generate import generate, rank_indices
 from evodiff_pl.images import to_uint8, write_pngs
-from evodiff_pl.metrics import FrechetScore
+from evodiff_pl.metrics import FrechetScore, InceptionFeatures
+from evodiff_pl.nvlabs import read_mu_sigma_npz
 from evodiff_pl.sampling.options import (
     DEVICES, MAX_SCORED, SCORES, SampleConfig, SampleError, check_choice, parse_seeds,
 )
@@ -46,16 +47,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def checkpoint_data(loaded: LoadedCheckpoint) -> DiffusionDataModule:
-    """The checkpoint's dataset, rebuilt from its stored training config."""
-    config = loaded.meta["config"]
+def checkpoint_data(loaded: LoadedCheckpoint, data: dict[str, Any] | None = None) -> DiffusionDataModule:
+    """The checkpoint's dataset, rebuilt from its stored training config, or from `data` (sample.py's data=)."""
+    if data:
+        return build_from_config(data, 0)
+    config = loaded.meta.get("config")
+    if config is None:
+        raise SampleError(f"{loaded.path} stores no dataset: give one as train.py's data section, e.g. "
+                          "data.name=cifar10 data.root=/path data.download=false (or stats= for a score)")
     return build_from_config(config["data"], config["run"]["seed"])
 
 
 def reference_stats(path: str, feature: str) -> dict[str, Any]:
-    """A statistics file of `FrechetScore.prepare_real`, checked to hold `feature` features."""
+    """A statistics file of `FrechetScore.prepare_real`, checked to hold `feature` features; for fid_inception also
+    an .npz of (mu, sigma) as edm's fid.py and pytorch-fid write (`evodiff_pl.nvlabs.read_mu_sigma_npz`)."""
     if not Path(path).is_file():
         raise SampleError(f"stats file {path} does not exist")
+    if path.endswith(".npz") and feature == "inception":
+        try:
+            return read_mu_sigma_npz(path, InceptionFeatures.num_features)
+        except ValueError as err:
+            raise SampleError(f"score=fid_inception: {err} (InceptionV3 pool features)") from None
     try:
         stats = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -79,7 +91,7 @@ def build_score(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.devic
         raise SampleError(f"score=fid_inception needs images; checkpoint {loaded.path} makes vectors of shape "
                           f"{shape} (use score=fd_pixels)")
     stats = reference_stats(cfg.stats, feature) if cfg.stats is not None else None
-    data = None if stats is not None else checkpoint_data(loaded)
+    data = None if stats is not None else checkpoint_data(loaded, cfg.data)
     if cfg.seeds is not None:
         seeds = parse_seeds(cfg.seeds)
     else:
@@ -90,7 +102,7 @@ def build_score(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.devic
         score = FrechetScore(feature, num_samples=len(seeds), shape=shape, weights_path=cfg.inception_weights,
                              stats_dir=cfg.stats_dir).to(device)
         if stats is not None:
-            score.load_real(cfg.stats, rank=rank)
+            score.load_real(stats, rank=rank)
         else:
             score.prepare_real(data, rank=rank)
     except DatasetNotFoundError:
@@ -152,7 +164,8 @@ def run_plan(job: SamplingJob, p: Plan) -> Result:
     with tqdm(total=len(share), unit="img", desc=p.spec.name, disable=not cfg.progress or rank != 0) as bar:
         for chunk in share.split(cfg.batch):  # an empty share is one empty chunk: every rank updates the score
             x = generate(job.loaded.denoiser, chunk, shape, solver=p.spec.solver, sigmas=p.sigmas, seed=0,
-                         batch_size=cfg.batch, num_classes=meta["num_classes"], device=job.device)
+                         batch_size=cfg.batch, num_classes=meta["num_classes"], device=job.device,
+                         **p.spec.generate_options)
             if job.score is not None:
                 job.score.update(x)
             out = to_uint8(x).cpu() if len(shape) == 3 else x.float().cpu()

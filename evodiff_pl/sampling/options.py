@@ -7,7 +7,7 @@ import inspect
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -31,7 +31,8 @@ class SampleError(ValueError):
 @dataclass
 class SampleConfig:
     ckpt: Optional[str] = None
-    """Required: a train.py run directory (its newest checkpoint) or a .ckpt file."""
+    """Required: a train.py run directory (its newest checkpoint), a .ckpt file or an NVlabs edm network pickle
+    (.pkl: edm-*.pkl or network-snapshot-*.pkl; read without running its code)."""
     ema: bool = True
     """Sample the EMA weights; false: the raw trained weights."""
     solver: str = "evodiff"
@@ -41,6 +42,10 @@ class SampleConfig:
     the schedule stored in the checkpoint, or schedule_file)."""
     nfe: str = "10"
     """Denoiser calls per sample, or a comma-separated list (heun makes 2 per step: even values only)."""
+    protocol: str = "default"
+    """default, or edm: NVlabs edm's generate.py (final Euler step to sigma = 0 counted in nfe, float64 state
+    around the float32 network, per-seed generators on the device): solver=heun schedule=karras nfe=35
+    reproduces generate.py's images for the same seeds."""
     seeds: Optional[str] = None
     """Samples to make, e.g. 0-49999 or 0-7,100; image j uses seed j. Default: 0-63, or with a score one per
     reference sample (at most 50000)."""
@@ -59,6 +64,9 @@ class SampleConfig:
     stats: Optional[str] = None
     """Reference statistics file written by FrechetScore.prepare_real; default: the cached statistics of the
     checkpoint's dataset (computed and cached on first use)."""
+    data: Optional[Dict[str, Any]] = None
+    """The dataset, as train.py's data section (data.name=cifar10 data.root=... data.download=false), for a
+    checkpoint that stores none (an NVlabs pickle): needed by estimate_schedule and by a score without stats."""
     stats_dir: Optional[str] = None
     """Cache of reference statistics; default $EVODIFF_STATS or ~/.cache/evodiff-pl/stats."""
     inception_weights: Optional[str] = None
@@ -67,7 +75,7 @@ class SampleConfig:
     """Learned schedule JSON (schedule.json, or one written by estimate_schedule) instead of the stored one."""
     estimate_schedule: bool = False
     """Instead of sampling, run the dedicated entropic-time estimation pass and write
-    <checkpoint stem>_schedule_estimated.json beside the checkpoint."""
+    <checkpoint stem>_schedule_estimated.json into outdir if given, else beside the checkpoint."""
     levels: int = 128
     """Estimation pass: noise levels K on the Karras grid."""
     pairs: int = 1024

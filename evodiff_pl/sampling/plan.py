@@ -11,8 +11,8 @@ from torch import Tensor
 
 from evodiff_pl.checkpointing import LoadedCheckpoint
 from evodiff_pl.entropic import EntropicSchedule
-from evodiff_pl.generate import EvalSpec, needs_learned_schedule
-from evodiff_pl.sampling.options import SampleConfig, SampleError, names, nfes
+from evodiff_pl.generate import PROTOCOLS, EvalSpec, needs_learned_schedule
+from evodiff_pl.sampling.options import SampleConfig, SampleError, check_choice, names, nfes
 from evodiff_pl.schedules import SCHEDULES
 from evodiff_pl.solvers import SOLVERS
 
@@ -54,10 +54,11 @@ class Plan:
     reason: str = ""
 
 
-def plan(solver: str, schedule: str, nfe: int, learned: EntropicSchedule | None, meta: dict[str, Any]) -> Plan:
+def plan(solver: str, schedule: str, nfe: int, learned: EntropicSchedule | None, meta: dict[str, Any],
+         protocol: str = "default") -> Plan:
     """The spec and sigma grid of one setting, or a Plan with the reason it is invalid."""
     try:
-        spec = EvalSpec(solver, schedule, nfe)
+        spec = EvalSpec(solver, schedule, nfe, protocol)
         sched = with_kind(learned, schedule) if spec.needs_schedule else None
         return Plan(solver, schedule, nfe, spec, spec.sigmas(meta["sigma_min"], meta["sigma_max"], sched))
     except ValueError as err:
@@ -75,7 +76,8 @@ def plans(cfg: SampleConfig, loaded: LoadedCheckpoint) -> list[Plan]:
     if wanted and learned is None:
         raise SampleError(f"schedule={wanted[0]} needs a learned schedule but checkpoint {loaded.path} stores none "
                           "(trained too briefly?): pass schedule_file=... or make one with estimate_schedule=true")
-    rows = [plan(*combo, learned, loaded.meta) for combo in itertools.product(solvers, schedules, counts)]
+    check_choice("protocol", cfg.protocol, PROTOCOLS)
+    rows = [plan(*combo, learned, loaded.meta, cfg.protocol) for combo in itertools.product(solvers, schedules, counts)]
     valid = [p for p in rows if p.spec is not None]
     if len(rows) == 1 and not valid:
         raise SampleError(rows[0].reason)
