@@ -1,7 +1,7 @@
 """The one generation code path: per-index seeds, strided rank shares, evaluation specs, sample grids.
 
-Sample j of a run with base seed s draws its initial noise and its class label from a CPU
-`torch.Generator` seeded with s + j, so an image depends only on (j, s): never on the batch size,
+Sample j of a run with base seed s draws its initial noise, its class label and then the noise of a
+stochastic solver from a CPU `torch.Generator` seeded with s + j, so an image depends only on (j, s): never on the batch size,
 the number of processes or the device. The validation callback (`evodiff_pl.evaluation`) and
 `sample.py` both generate through `generate`.
 """
@@ -20,7 +20,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from evodiff_pl.schedules import SCHEDULES, LearnedSchedule, get_sigmas
-from evodiff_pl.solvers import SOLVERS, nfe, solve
+from evodiff_pl.solvers import SOLVERS, STOCHASTIC, nfe, per_sample_noise, solve
 
 
 def rank_indices(num_samples: int, rank: int, world_size: int) -> Tensor:
@@ -37,14 +37,24 @@ def initial_noise(
 
     Sample j draws its noise, then its label, from a generator seeded with seed + j.
     """
+    noise, labels, _ = _draw_initial(indices, shape, seed, num_classes)
+    return noise, labels
+
+
+def _draw_initial(
+    indices: Tensor, shape: tuple[int, ...], seed: int, num_classes: int
+) -> tuple[Tensor, Tensor | None, list[torch.Generator]]:
+    """`initial_noise`, plus each sample's generator, left where a stochastic solver continues drawing."""
     noise = torch.empty(len(indices), *shape)
     labels = torch.empty(len(indices), dtype=torch.int64) if num_classes > 0 else None
+    generators = []
     for row, j in enumerate(indices.tolist()):
         g = torch.Generator().manual_seed(seed + j)
         noise[row] = torch.randn(shape, generator=g)
         if labels is not None:
             labels[row] = torch.randint(num_classes, (), generator=g)
-    return noise, labels
+        generators.append(g)
+    return noise, labels, generators
 
 
 def _with_labels(denoiser: Callable[..., Tensor], labels: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
@@ -80,20 +90,25 @@ def generate(
         device: where to run; default the CPU.
         dtype: dtype of the state x (float32 for networks, float64 for exact testbeds).
         progress: show a tqdm bar with images/s.
-        **solver_options: passed to the solver (e.g. lower_order_final, denoise_to_zero).
+        **solver_options: passed to the solver (e.g. lower_order_final, denoise_to_zero). A stochastic
+            solver (`STOCHASTIC`) gets noise= from each sample's generator, after its initial draws.
     """
     indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if "noise" in solver_options:
+        raise ValueError("generate draws a stochastic solver's noise from each sample's seed; do not pass noise=")
+    stochastic = solver in STOCHASTIC
     device = torch.device("cpu") if device is None else torch.device(device)
     sigma_max = float(sigmas[0])
     out = []
     with torch.no_grad(), tqdm(total=len(indices), unit="img", disable=not progress, desc=solver) as bar:
         for chunk in indices.split(batch_size) if len(indices) else ():
-            noise, labels = initial_noise(chunk, shape, seed, num_classes)
+            noise, labels, generators = _draw_initial(chunk, shape, seed, num_classes)
             x = noise.to(device=device, dtype=dtype) * sigma_max
             fn = denoiser if labels is None else _with_labels(denoiser, labels.to(device))
-            out.append(solve(solver, fn, x, sigmas, **solver_options))
+            extra = {"noise": per_sample_noise(generators)} if stochastic else {}
+            out.append(solve(solver, fn, x, sigmas, **solver_options, **extra))
             bar.update(len(chunk))
     return torch.cat(out) if out else torch.empty(0, *shape, device=device, dtype=dtype)
 
