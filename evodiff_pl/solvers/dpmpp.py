@@ -17,9 +17,13 @@ from evodiff_pl.solvers.base import (
     finish,
     levels,
     needs_noise,
-    one_per_step,
     phi,
 )
+
+
+def _dpmpp_nfe(n_steps: int, lower_order_final: LowerOrderFinal = True, **_: object) -> int:
+    final_orders(lower_order_final, n_steps)
+    return n_steps
 
 
 def _dpmpp_multistep(
@@ -64,7 +68,7 @@ def _dpmpp_multistep(
     return finish(denoiser, x, s[-1], denoise_to_zero)
 
 
-@counts_nfe(one_per_step)
+@counts_nfe(_dpmpp_nfe)
 def dpmpp_2m(
     denoiser: Denoiser,
     x: Tensor,
@@ -85,7 +89,7 @@ def dpmpp_2m(
     return _dpmpp_multistep(denoiser, x, sigmas, 2, lower_order_final, denoise_to_zero, callback)
 
 
-@counts_nfe(one_per_step)
+@counts_nfe(_dpmpp_nfe)
 def dpmpp_3m(
     denoiser: Denoiser,
     x: Tensor,

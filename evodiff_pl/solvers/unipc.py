@@ -16,7 +16,6 @@ from evodiff_pl.solvers.base import (
     final_orders,
     finish,
     levels,
-    one_per_step,
     phi,
 )
 
@@ -37,7 +36,7 @@ def _unipc_nfe(
     n_steps: int, order: int = 2, variant: str = "bh2", lower_order_final: LowerOrderFinal = True, **_: object
 ) -> int:
     _check_unipc(n_steps, order, variant, lower_order_final)
-    return one_per_step(n_steps)
+    return n_steps
 
 
 def _coefficients(h: float, rks: list[float], variant: str) -> tuple[float, list[float], list[float]]:
