@@ -265,7 +265,7 @@ def test_unknown_names_and_options_raise():
 
 @pytest.fixture(scope="module")
 def extra_reference() -> dict[str, np.ndarray]:
-    """Endpoints (and fed noise) of the authors' UniPC, iPNDM, EDM Alg. 2 and k-diffusion 2M SDE (tests/data/README.md)."""
+    """Endpoints (and fed noise) of the authors' UniPC, iPNDM, EDM Alg. 2, k-diffusion 2M SDE (tests/data/README.md)."""
     with np.load(DATA / "gmm_extra_solvers_official.npz") as f:
         return dict(f)
 
@@ -311,9 +311,9 @@ def test_edm_stochastic_matches_edm_sampler_with_the_same_noise(reference, refer
     sigmas = torch.tensor(extra_reference[f"{case}_sigmas"])
     churn, tmin, tmax, s_noise = extra_reference[f"{case}_options"].tolist()
     churned = ((sigmas[:-1] >= tmin) & (sigmas[:-1] <= tmax)).numpy()
+    draws = _recorded(extra_reference[f"{case}_noise"][:-1][churned])
     x = solve("edm_stochastic", reference_mixture, torch.tensor(reference["x_T"][:64]), sigmas, S_churn=churn,
-              S_tmin=tmin, S_tmax=tmax, S_noise=s_noise, noise=_recorded(extra_reference[f"{case}_noise"][:-1][churned]),
-              denoise_to_zero=True)
+              S_tmin=tmin, S_tmax=tmax, S_noise=s_noise, noise=draws, denoise_to_zero=True)
     err = _rel(x, torch.tensor(extra_reference[f"{case}_denoise_to_zero"]))
     print(f"{case}: relative error to the official endpoint {err:.2e}")
     assert err < 1e-8
@@ -338,6 +338,12 @@ def test_stochastic_solvers_without_noise_are_their_deterministic_counterparts(r
                        solve("heun", reference_mixture, x, sigmas))
     sde = solve("dpmpp_2m_sde", reference_mixture, x, sigmas, eta=0.0)
     assert _rel(sde, solve("dpmpp_2m", reference_mixture, x, sigmas, lower_order_final=False)) < 1e-13
+
+
+def test_unip_of_order_2_with_bh2_is_dpmpp_2m(reference, reference_mixture):
+    x, sigmas = torch.tensor(reference["x_T"][:32]), get_sigmas("karras", 9)
+    unip = solve("unipc", reference_mixture, x, sigmas, order=2, variant="bh2", corrector=False)
+    assert _rel(unip, solve("dpmpp_2m", reference_mixture, x, sigmas)) < 1e-13
 
 
 @pytest.mark.parametrize(

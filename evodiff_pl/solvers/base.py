@@ -39,7 +39,7 @@ def one_per_step(n_steps: int, **_: object) -> int:
 def final_orders(lower_order_final: LowerOrderFinal, n_steps: int) -> bool:
     """Whether the last steps drop their order: True always, False never, "auto" only when n_steps < 10.
 
-    "auto" is the rule of the official DPM-Solver code (docs/solvers_extra.md §1).
+    "auto" is the rule of the official DPM-Solver code (docs/solvers_extra.md §5).
     """
     if lower_order_final == "auto":
         return n_steps < 10

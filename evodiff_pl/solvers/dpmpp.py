@@ -81,7 +81,7 @@ def dpmpp_2m(
     """DPM-Solver++(2M), data prediction (Lu et al. 2022, Alg. 2): 1 NFE per step, N in total.
 
     The first step is order 1. lower_order_final: True (default, chosen on the mixture:
-    docs/solvers_extra.md §1) makes the last step order 1 for every N; "auto" only for N < 10 (the
+    docs/solvers_extra.md §5) makes the last step order 1 for every N; "auto" only for N < 10 (the
     official DPM-Solver rule); False never.
     denoise_to_zero: return D(x_N, sigma_N) instead of x_N (+1 NFE).
     callback: called as callback(i, sigma_i, x_i) after every step.
@@ -103,7 +103,7 @@ def dpmpp_3m(
 
     The first two steps are orders 1 and 2. lower_order_final: True makes the last step order 1 and
     the second-to-last at most order 2 for every N; "auto" (default, chosen on the mixture:
-    docs/solvers_extra.md §1) only for N < 10, the official DPM-Solver rule; False never.
+    docs/solvers_extra.md §5) only for N < 10, the official DPM-Solver rule; False never.
     denoise_to_zero: return D(x_N, sigma_N) instead of x_N (+1 NFE).
     callback: called as callback(i, sigma_i, x_i) after every step.
     """
@@ -135,7 +135,7 @@ def dpmpp_2m_sde(
     denoise_to_zero: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
-    """DPM-Solver++(2M) SDE, data prediction (Lu et al. 2022 §5; k-diffusion's form): 1 NFE per step, N in total.
+    """DPM-Solver++(2M) SDE, data prediction (Lu et al. 2022; k-diffusion's form): 1 NFE per step, N in total.
 
     Every step draws fresh noise; the first step is order 1, the last is not lowered.
     eta: 0 is the ODE (midpoint: = dpmpp_2m with lower_order_final=False), 1 the reverse SDE.

@@ -110,12 +110,13 @@ def edm_stochastic(
 ) -> Tensor:
     """EDM Algorithm 2 (Karras et al. 2022): raise sigma by gamma with fresh noise, then one Heun step.
 
-    NFE: 2 per step, 2N for a grid of N + 1 levels (every step corrected, as `heun`; EDM's 2N - 1
-    ends with a plain Euler step to sigma = 0, which is `denoise_to_zero=True` here when no churn
-    applies at sigma_N).
+    NFE: 2 per step, 2N for a grid of N + 1 levels (every step corrected, as `heun`). EDM's code on
+    the same levels makes 2(N + 1) - 1 calls: its last step is a plain Euler step to sigma = 0, i.e.
+    `denoise_to_zero=True` here when no churn applies at sigma_N.
     S_churn: total churn; each step with S_tmin <= sigma_{i-1} <= S_tmax uses
-        gamma = min(S_churn / (N + 1), sqrt(2) - 1), N + 1 the number of levels (EDM's num_steps). The defaults are EDM's ImageNet-64 setting
-        (S_churn 40, S_tmin 0.05, S_tmax 50, S_noise 1.003); S_churn = 0 is `heun`.
+        gamma = min(S_churn / (N + 1), sqrt(2) - 1), N + 1 the number of levels (EDM's num_steps).
+        The defaults are EDM's released ImageNet-64 command (S_churn 40, S_tmin 0.05, S_tmax 50,
+        S_noise 1.003, there with 256 steps); S_churn = 0 is `heun`.
     S_noise: scale of the added noise (slightly > 1 offsets the denoiser's loss of detail).
     noise: noise(x) -> standard normal like x, row j from sample j's own generator (`seeded_noise`);
         required when S_churn > 0. It is drawn only on churned steps.
@@ -135,7 +136,7 @@ def edm_stochastic(
             # EDM Alg. 2 l. 6-7: t^_i = t_i + gamma t_i, x^_i = x_i + sqrt(t^_i^2 - t_i^2) S_noise eps
             t_cur = t_cur * (1.0 + gamma)
             x = x + (s[i - 1] * math.sqrt(gamma * (2.0 + gamma)) * S_noise) * noise(x)
-        # EDM Alg. 2 l. 8-11: the Heun step from t^_i to t_{i+1}
+        # EDM Alg. 2 l. 8-12: the Heun step from t^_i to t_{i+1}
         x = _heun_step(denoiser, x, t_cur, s[i])
         if callback is not None:
             callback(i, s[i], x)

@@ -1,4 +1,4 @@
-"""Improved PNDM (Zhang & Chen 2023, DEIS §4 / Appendix): Adams-Bashforth on eps with a lower-order warm start."""
+"""Improved PNDM (iPNDM, Zhang & Chen 2023, the DEIS paper): Adams-Bashforth on eps; docs/solvers_extra.md §2."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def ipndm(
     for i in range(1, len(s)):
         # docs/solvers_extra.md (2.1): eps_{i-1} = (x_{i-1} - D(x_{i-1}, sigma_{i-1})) / sigma_{i-1}
         eps = [(x - denoise(denoiser, x, s[i - 1])) / s[i - 1]] + eps[: order - 1]
-        # docs/solvers_extra.md (2.2): x_i = x_{i-1} + (sigma_i - sigma_{i-1}) sum_k a_k eps_{i-1-k}, order min(order, i)
+        # docs/solvers_extra.md (2.2): x_i = x_{i-1} + (sigma_i - sigma_{i-1}) sum_k a_k eps_{i-1-k}
         slope = sum(a * e for a, e in zip(_AB[len(eps)], eps))
         x = x + (s[i] - s[i - 1]) * slope
         if callback is not None:

@@ -1,4 +1,4 @@
-"""UniPC (Zhao et al. 2023): multistep UniP predictor and UniC corrector, data prediction, B(h) variants."""
+"""UniPC (Zhao et al. 2023): multistep UniP predictor and UniC corrector, data prediction; docs/solvers_extra.md §1."""
 
 from __future__ import annotations
 
@@ -45,11 +45,11 @@ def _coefficients(h: float, rks: list[float], variant: str) -> tuple[float, list
     rks: r_k = (lambda_{i-1-k} - lambda_{i-1}) / h of the k = 1..p-1 older points (negative here).
     """
     hh = -h
-    # UniPC (Zhao et al. 2023) eq. (5) variants: B_1(h) = h, B_2(h) = e^h - 1 (in -h for data prediction)
+    # docs/solvers_extra.md (1.3): B_1 = z, B_2 = e^z - 1 with z = -h (data prediction)
     b_h = hh if variant == "bh1" else math.expm1(hh)
     order = len(rks) + 1
     r = torch.tensor(rks + [1.0], dtype=torch.float64)
-    # UniPC Thm. 3.1 / official code: b_k = k! h phi_{k+1}(h) / B(h), with h phi_{k+1} = h phi_k / h - 1/k!
+    # docs/solvers_extra.md (1.4): g_k = k! psi_k / B, psi_1 = (e^z - 1)/z - 1, psi_{k+1} = psi_k / z - 1/(k+1)!
     h_phi_k, factorial, b = math.expm1(hh) / hh - 1.0, 1, []
     for k in range(1, order + 1):
         b.append(h_phi_k * factorial / b_h)
@@ -57,14 +57,14 @@ def _coefficients(h: float, rks: list[float], variant: str) -> tuple[float, list
         h_phi_k = h_phi_k / hh - 1.0 / factorial
     big_r = torch.stack([r ** (k - 1) for k in range(1, order + 1)])
     rhs = torch.tensor(b, dtype=torch.float64)
-    # UniPC Alg. 2: rho_p solves R_{p-1} rho = b_{p-1}, with rho_p = 1/2 for p = 2 (official code)
+    # docs/solvers_extra.md (1.5): UniP-p solves R_{p-1} rho = g_{1..p-1}; p = 2 uses rho = 1/2 (authors' code)
     if order == 1:
         rho_p = []
     elif order == 2:
         rho_p = [0.5]
     else:
         rho_p = torch.linalg.solve(big_r[:-1, :-1], rhs[:-1]).tolist()
-    # UniPC Alg. 1 (UniC): rho_c solves R_p rho = b_p, with rho_c = 1/2 for p = 1 (official code)
+    # docs/solvers_extra.md (1.6): UniC-p solves R_p rho = g_{1..p}; p = 1 uses rho = 1/2 (authors' code)
     rho_c = [0.5] if order == 1 else torch.linalg.solve(big_r, rhs).tolist()
     return b_h, rho_p, rho_c
 
@@ -88,11 +88,11 @@ def unipc(
     UniC (order p_i + 1) from D at the predicted state; that D is kept as the model value at sigma_i
     (no extra call), and no D is evaluated after the final step.
     order: 1, 2 or 3; needs N >= order steps. 2 (default) was best on the mixture up to ~12 steps,
-        3 from ~15 (docs/solvers_extra.md §1).
+        3 from ~15 (docs/solvers_extra.md §5).
     variant: "bh2" (default, B(h) = e^h - 1; best on the mixture at every N) or "bh1" (B(h) = h,
         the authors' suggestion for unconditional sampling with few steps).
     corrector: False runs UniP alone.
-    lower_order_final: True (default, chosen on the mixture: docs/solvers_extra.md §1) lowers the
+    lower_order_final: True (default, chosen on the mixture: docs/solvers_extra.md §5) lowers the
         last steps to p_i = min(order, N + 1 - i) for every N, as the authors' code does; "auto" only
         for N < 10 (the official DPM-Solver rule); False never.
     denoise_to_zero: return D(x_N, sigma_N) instead of x_N (+1 NFE).
@@ -108,17 +108,17 @@ def unipc(
         p = min(order, i, n + 1 - i if lower else order)
         h = lam[i] - lam[i - 1]
         rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, p)]
-        # UniPC eq. (8): D1_k = (D_{i-1-k} - D_{i-1}) / r_k
+        # docs/solvers_extra.md (1.2): D1_k = (D_{i-1-k} - D_{i-1}) / r_k
         d1 = [(hist[-1 - k] - hist[-1]) / rk for k, rk in zip(range(1, p), rks)]
         b_h, rho_p, rho_c = _coefficients(h, rks, variant)
-        # UniPC Alg. 2 (data prediction, alpha = 1): x~ = (sigma_i/sigma_{i-1}) x - (e^{-h} - 1) D_{i-1} = Phi_i(x)
+        # docs/solvers_extra.md (1.1): the DDIM step Phi_i(x) = (sigma_i/sigma_{i-1}) x + (1 - e^{-h}) D_{i-1}
         x_base = phi(x, hist[-1], s[i] / s[i - 1])
-        # UniPC Alg. 2 (UniP): x_i = x~ - B(h) sum_k rho_p,k D1_k
+        # docs/solvers_extra.md (1.5), UniP: x_i = Phi_i(x) - B sum_k rho_k D1_k
         x_new = x_base - b_h * sum(c * d for c, d in zip(rho_p, d1)) if d1 else x_base
         d_new = None
         if corrector and i < n:
             d_new = denoise(denoiser, x_new, s[i])
-            # UniPC Alg. 1 (UniC): x_i^c = x~ - B(h) (sum_k rho_c,k D1_k + rho_c,p (D_i - D_{i-1}))
+            # docs/solvers_extra.md (1.6), UniC: x_i^c = Phi_i(x) - B (sum_k rho_k D1_k + rho_p (D(x_i) - D_{i-1}))
             corr = sum((c * d for c, d in zip(rho_c[:-1], d1)), rho_c[-1] * (d_new - hist[-1]))
             x_new = x_base - b_h * corr
         x = x_new
