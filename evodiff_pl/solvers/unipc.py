@@ -44,19 +44,19 @@ def _coefficients(h: float, rks: list[float], variant: str) -> tuple[float, list
 
     rks: r_k = (lambda_{i-1-k} - lambda_{i-1}) / h of the k = 1..p-1 older points (negative here).
     """
-    hh = -h
+    z = -h
     # docs/solvers_extra.md (1.3): B_1 = z, B_2 = e^z - 1 with z = -h (data prediction)
-    b_h = hh if variant == "bh1" else math.expm1(hh)
+    b_h = z if variant == "bh1" else math.expm1(z)
     order = len(rks) + 1
     r = torch.tensor(rks + [1.0], dtype=torch.float64)
     # docs/solvers_extra.md (1.4): g_k = k! psi_k / B, psi_1 = (e^z - 1)/z - 1, psi_{k+1} = psi_k / z - 1/(k+1)!
-    h_phi_k, factorial, b = math.expm1(hh) / hh - 1.0, 1, []
+    psi, factorial, g = math.expm1(z) / z - 1.0, 1, []
     for k in range(1, order + 1):
-        b.append(h_phi_k * factorial / b_h)
+        g.append(psi * factorial / b_h)
         factorial *= k + 1
-        h_phi_k = h_phi_k / hh - 1.0 / factorial
+        psi = psi / z - 1.0 / factorial
     big_r = torch.stack([r ** (k - 1) for k in range(1, order + 1)])
-    rhs = torch.tensor(b, dtype=torch.float64)
+    rhs = torch.tensor(g, dtype=torch.float64)
     # docs/solvers_extra.md (1.5): UniP-p solves R_{p-1} rho = g_{1..p-1}; p = 2 uses rho = 1/2 (authors' code)
     if order == 1:
         rho_p = []
