@@ -17,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
-SOLVER_COLORS = {"euler": "C0", "heun": "C1", "dpmpp_2m": "C2", "dpmpp_3m": "C3", "evodiff": "C4"}
+SOLVER_COLORS = {"euler": "C0", "heun": "C1", "dpmpp_2m": "C2", "dpmpp_3m": "C3", "evodiff": "C4", "unipc": "C5",
+                 "ipndm": "C6", "edm_stochastic": "C7", "dpmpp_2m_sde": "C8"}
 SCHEDULE_STYLES = ["-o", "--s", "-.^", ":D", "-v", "--x"]
 
 
