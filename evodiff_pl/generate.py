@@ -2,8 +2,8 @@
 
 Sample j of a run with base seed s draws its initial noise, its class label and then the noise of a
 stochastic solver from a CPU `torch.Generator` seeded with s + j, so an image depends only on (j, s):
-never on the batch size, the number of processes or the device. The validation callback (`evodiff_pl.evaluation`) and
-`sample.py` both generate through `generate`.
+never on the batch size, the number of processes or the device. The validation callback
+(`evodiff_pl.evaluation`) and `sample.py` both generate through `generate`.
 """
 
 from __future__ import annotations
