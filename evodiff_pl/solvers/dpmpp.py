@@ -95,15 +95,16 @@ def dpmpp_3m(
     x: Tensor,
     sigmas: Tensor,
     *,
-    lower_order_final: LowerOrderFinal = "auto",
+    lower_order_final: LowerOrderFinal = True,
     denoise_to_zero: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++ order-3 multistep, data prediction (Lu et al. 2022): 1 NFE per step, N in total.
 
-    The first two steps are orders 1 and 2. lower_order_final: True makes the last step order 1 and
-    the second-to-last at most order 2 for every N; "auto" (default, chosen on the mixture:
-    docs/solvers_extra.md §5) only for N < 10, the official DPM-Solver rule; False never.
+    The first two steps are orders 1 and 2. lower_order_final: True (default, chosen on the mixture
+    and the digits: docs/solvers_extra.md §5) makes the last step order 1 and the second-to-last at
+    most order 2 for every N; "auto" only for N < 10, the official DPM-Solver rule (better on the
+    mixture from ~15 steps); False never.
     denoise_to_zero: return D(x_N, sigma_N) instead of x_N (+1 NFE).
     callback: called as callback(i, sigma_i, x_i) after every step.
     """
