@@ -42,7 +42,8 @@ from evodiff_pl.checkpointing import load_denoiser, locate_checkpoint  # noqa: E
 from evodiff_pl.classifier import load_or_train  # noqa: E402
 from evodiff_pl.metrics import FrechetScore, frechet_distance, gaussian_fit  # noqa: E402
 
-SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "evodiff", "evodiff_consistent"]
+SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "evodiff", "evodiff_consistent", "unipc", "ipndm",
+           "edm_stochastic", "dpmpp_2m_sde"]
 SCHEDULES = ["karras", "logsnr", "rescaled_entropic_train", "rescaled_entropic_pass"]
 NFES = [5, 6, 8, 10, 12, 15, 20, 35]
 FIELDS = ["solver", "schedule", "nfe", "steps", "fd_pixels", "fd_digits_cnn", "seconds", "note"]

@@ -1,10 +1,15 @@
-"""The six solvers on the exact 64-d Gaussian mixture, and their cost around a small convolutional denoiser.
+"""Every solver on the exact 64-d Gaussian mixture, and their cost around a small convolutional denoiser.
 
-Table 1: every solver x schedule (karras, logsnr) x NFE from the same x_T = 80 * N(0, I) with the exact
-denoiser, in float64: RMSE to the exact probability-flow ODE endpoint (over all entries), the median of
-the per-sample RMSE, and the Fréchet distance between Gaussians fitted to the samples and to fresh data
-(docs/method.md §4); the floor line is fresh data against another fresh draw of the same size. Heun spends 2 NFE
-per step: it runs NFE / 2 steps and odd NFE are skipped.
+Table 1: every solver (default options) x schedule (karras, logsnr) x NFE from the same x_T = 80 * N(0, I)
+with the exact denoiser, in float64: RMSE to the exact probability-flow ODE endpoint (over all entries), the
+median of the per-sample RMSE, and the Fréchet distance between Gaussians fitted to the samples and to fresh
+data (docs/method.md §4); the floor line is fresh data against another fresh draw of the same size. Heun and
+edm_stochastic spend 2 NFE per step: they run NFE / 2 steps and odd NFE are skipped. The stochastic solvers
+(edm_stochastic, dpmpp_2m_sde; per-sample noise from seeds 10^6 + j) do not follow the ODE: for them only FD
+is meaningful.
+
+Table 1b: the choice of lower_order_final (True: always lower the last steps, "auto": only below 10 steps,
+False: never) for the multistep solvers, as the median per-sample RMSE to the exact endpoint.
 
 Table 2: wall time per step and per NFE of each solver around a small EDM-preconditioned DDPM++ U-Net
 (SongUNet, 1.26M parameters, float32, batch 64, 3x32x32), relative to euler; all solvers are timed
@@ -27,12 +32,20 @@ from evodiff_pl.metrics import frechet_distance, gaussian_fit
 from evodiff_pl.networks import build_network
 from evodiff_pl.precond import EDMPrecond
 from evodiff_pl.schedules import get_sigmas
-from evodiff_pl.solvers import SOLVERS, nfe, solve
+from evodiff_pl.solvers import SOLVERS, STOCHASTIC, nfe, seeded_noise, solve
 from evodiff_pl.toy import GaussianMixture
 
 NFES = (5, 6, 8, 10, 12, 15, 20)
 SCHEDULES = ("karras", "logsnr")
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+LOF_NFES = (5, 6, 8, 10, 12, 15, 20, 30)
+LOF_SOLVERS = (("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {}), ("unipc", {"order": 3}),
+               ("unipc", {"order": 3, "variant": "bh1"}))
+
+
+def noise_for(name: str, batch: int, seed: int) -> dict:
+    """noise= for a stochastic solver: sample j draws from seed 10^6 + seed + j."""
+    return {"noise": seeded_noise(torch.arange(batch) + 10**6 + seed)} if name in STOCHASTIC else {}
 
 
 def accuracy_table(args: argparse.Namespace) -> None:
@@ -43,6 +56,7 @@ def accuracy_table(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     exact = g.ode_solve(x_T, SIGMA_MAX, SIGMA_MIN, n_steps=args.ode_steps)
     print(f"exact endpoint: RK4 with {args.ode_steps} steps in ln sigma, {time.perf_counter() - t0:.1f} s")
+    lower_order_table(g, x_T, exact)
     stats = gaussian_fit(data)
     floor = frechet_distance(*gaussian_fit(data2), *stats)
     print(f"\nTable 1: default mixture (dim 64, 8 components), {args.samples} samples, float64")
@@ -55,11 +69,27 @@ def accuracy_table(args: argparse.Namespace) -> None:
                     n = steps_for_nfe(name, budget)
                 except ValueError:  # e.g. heun and an odd budget
                     continue
-                x = solve(name, g, x_T, get_sigmas(schedule, n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX))
+                sigmas = get_sigmas(schedule, n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+                x = solve(name, g, x_T, sigmas, **noise_for(name, len(x_T), args.seed))
                 sq = (x - exact).square()
                 rmse, med = sq.mean().sqrt().item(), sq.mean(1).sqrt().median().item()
                 fd = frechet_distance(*gaussian_fit(x), *stats)
                 print(f"{schedule:<8} {name:<18} {budget:>3} {n:>5} {rmse:9.2e} {med:9.2e} {fd:9.2e}")
+
+
+def lower_order_table(g: GaussianMixture, x_T: torch.Tensor, exact: torch.Tensor) -> None:
+    print("\nTable 1b: lower_order_final, median per-sample RMSE to the exact endpoint (NFE = steps)")
+    print(f"{'schedule':<8} {'solver':<28} {'lof':<5} " + " ".join(f"{n:>8}" for n in LOF_NFES))
+    for schedule in SCHEDULES:
+        for name, options in LOF_SOLVERS:
+            label = name + "".join(f" {k}={v}" for k, v in options.items())
+            for lof in (True, "auto", False):
+                errs = []
+                for n in LOF_NFES:
+                    sigmas = get_sigmas(schedule, n, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+                    x = solve(name, g, x_T, sigmas, lower_order_final=lof, **options)
+                    errs.append((x - exact).square().mean(1).sqrt().median().item())
+                print(f"{schedule:<8} {label:<28} {str(lof):<5} " + " ".join(f"{e:8.2e}" for e in errs))
 
 
 @torch.no_grad()
@@ -76,8 +106,9 @@ def timing_table(args: argparse.Namespace) -> None:
     def run(name: str) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
+        options = noise_for(name, len(x_T), args.seed)
         t0 = time.perf_counter()
-        solve(name, net, x_T, sigmas)
+        solve(name, net, x_T, sigmas, **options)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

@@ -1,9 +1,9 @@
 """The one generation code path: per-index seeds, strided rank shares, evaluation specs.
 
-Sample j of a run with base seed s draws its initial noise and its class label from a CPU
-`torch.Generator` seeded with s + j, so an image depends only on (j, s): never on the batch size,
-the number of processes or the device. The validation callback (`evodiff_pl.evaluation`) and
-`sample.py` both generate through `generate`.
+Sample j of a run with base seed s draws its initial noise, its class label and then the noise of a
+stochastic solver from a `torch.Generator` seeded with s + j, so an image depends only on (j, s): never on the
+batch size, the number of processes or the device (the generators are on the CPU unless a protocol says
+otherwise). The validation callback (`evodiff_pl.evaluation`) and `sample.py` both generate through `generate`.
 
 Protocols (`PROTOCOLS`, the fourth field of a spec "solver/schedule/nfe/protocol"): `default` as above;
 `edm` is NVlabs edm's generate.py: the grid ends with a plain Euler step to σ = 0 (`denoise_to_zero`, +1 NFE:
@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from evodiff_pl.schedules import SCHEDULES, LearnedSchedule, get_sigmas
-from evodiff_pl.solvers import SOLVERS, nfe, solve
+from evodiff_pl.solvers import SOLVERS, STOCHASTIC, nfe, per_sample_noise, solve
 
 
 def rank_indices(num_samples: int, rank: int, world_size: int) -> Tensor:
@@ -45,15 +45,25 @@ def initial_noise(
     Sample j draws its noise, then its label, from a generator on `device` seeded with (seed + j) mod 2^32
     (edm's StackedRandomGenerator); on the CPU this does not depend on the machine.
     """
+    noise, labels, _ = _draw_initial(indices, shape, seed, num_classes, device)
+    return noise, labels
+
+
+def _draw_initial(
+    indices: Tensor, shape: tuple[int, ...], seed: int, num_classes: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor | None, list[torch.Generator]]:
+    """`initial_noise`, plus each sample's generator, left where a stochastic solver continues drawing."""
     device = torch.device(device)
     noise = torch.empty(len(indices), *shape, device=device)
     labels = torch.empty(len(indices), dtype=torch.int64, device=device) if num_classes > 0 else None
+    generators = []
     for row, j in enumerate(indices.tolist()):
         g = torch.Generator(device).manual_seed((seed + j) % (1 << 32))
         noise[row] = torch.randn(shape, generator=g, device=device)
         if labels is not None:
             labels[row] = torch.randint(num_classes, (), generator=g, device=device)
-    return noise, labels
+        generators.append(g)
+    return noise, labels, generators
 
 
 def _bind(denoiser: Callable[..., Tensor], labels: Tensor | None,
@@ -98,20 +108,26 @@ def generate(
         net_dtype: dtype the denoiser is called in, if not x's (edm: a float64 state around a float32 network).
         noise_on_device: draw noise and labels with generators on `device` (edm's generate.py) instead of the CPU.
         progress: show a tqdm bar with images/s.
-        **solver_options: passed to the solver (e.g. lower_order_final, denoise_to_zero).
+        **solver_options: passed to the solver (e.g. lower_order_final, denoise_to_zero). A stochastic
+            solver (`STOCHASTIC`) gets noise= from each sample's generator, after its initial draws.
     """
     indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if "noise" in solver_options:
+        raise ValueError("generate draws a stochastic solver's noise from each sample's seed; do not pass noise=")
+    stochastic = solver in STOCHASTIC
     device = torch.device("cpu") if device is None else torch.device(device)
     sigma_max = float(sigmas[0])
     out = []
     with torch.no_grad(), tqdm(total=len(indices), unit="img", disable=not progress, desc=solver) as bar:
         for chunk in indices.split(batch_size) if len(indices) else ():
-            noise, labels = initial_noise(chunk, shape, seed, num_classes, device if noise_on_device else "cpu")
+            noise, labels, generators = _draw_initial(chunk, shape, seed, num_classes,
+                                                      device if noise_on_device else "cpu")
             x = noise.to(device=device, dtype=dtype) * sigma_max
             fn = _bind(denoiser, None if labels is None else labels.to(device), net_dtype)
-            out.append(solve(solver, fn, x, sigmas, **solver_options))
+            extra = {"noise": per_sample_noise(generators)} if stochastic else {}
+            out.append(solve(solver, fn, x, sigmas, **solver_options, **extra))
             bar.update(len(chunk))
     return torch.cat(out) if out else torch.empty(0, *shape, device=device, dtype=dtype)
 

@@ -6,6 +6,7 @@ from PIL import Image
 from evodiff_pl.generate import EvalSpec, generate, initial_noise, rank_indices, steps_for_nfe
 from evodiff_pl.images import save_grid
 from evodiff_pl.schedules import get_sigmas
+from evodiff_pl.solvers import per_sample_noise, solve
 from evodiff_pl.toy import GaussianMixture
 
 SHAPE = (8,)
@@ -21,7 +22,7 @@ def _conditional(mixture):
     return lambda x, sigma, labels: mixture.denoise(x, sigma) + 0.01 * labels[:, None].to(x.dtype)
 
 
-@pytest.mark.parametrize("solver", ["evodiff", "heun"])
+@pytest.mark.parametrize("solver", ["evodiff", "heun", "edm_stochastic", "dpmpp_2m_sde"])
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_sample_depends_only_on_index_and_seed(mixture, solver, num_classes):
     denoiser = mixture.denoise if num_classes == 0 else _conditional(mixture)
@@ -44,6 +45,42 @@ def test_sample_depends_only_on_index_and_seed(mixture, solver, num_classes):
     shifted = generate(denoiser, torch.tensor([0]), SHAPE, batch_size=1, **{**opts, "seed": 11 + 5})
     assert torch.equal(shifted[0], ref[5])
     assert not torch.equal(ref[0], ref[1])
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_stochastic_solver_noise_continues_each_samples_generator(mixture, num_classes):
+    """Sample j draws x_T, then its label, then the solver's noise from one generator seeded with seed + j."""
+    denoiser = mixture.denoise if num_classes == 0 else _conditional(mixture)
+    sigmas, idx = get_sigmas("karras", 5, 0.002, 80.0), torch.tensor([4, 1, 9])
+    out = generate(denoiser, idx, SHAPE, solver="dpmpp_2m_sde", sigmas=sigmas, seed=3, batch_size=2,
+                   num_classes=num_classes, dtype=torch.float64)
+    generators = [torch.Generator().manual_seed(3 + j) for j in idx.tolist()]
+    x_T = torch.stack([torch.randn(SHAPE, generator=g) for g in generators]).double() * 80.0
+    labels = torch.stack([torch.randint(3, (), generator=g) for g in generators]) if num_classes else None
+    fn = denoiser if labels is None else (lambda x, s: denoiser(x, s, labels))
+    expected = solve("dpmpp_2m_sde", fn, x_T, sigmas, noise=per_sample_noise(generators))
+    assert torch.equal(out, expected)
+
+
+def test_generate_rejects_a_noise_option(mixture):
+    with pytest.raises(ValueError, match="each sample's seed"):
+        generate(mixture.denoise, torch.arange(2), SHAPE, solver="edm_stochastic",
+                 sigmas=get_sigmas("karras", 3, 0.002, 80.0), seed=0, batch_size=2, noise=lambda x: x)
+
+
+@pytest.mark.parametrize(
+    "spec, n_steps",
+    [("unipc/karras/10", 10), ("ipndm/logsnr/5", 5), ("edm_stochastic/karras/20", 10), ("dpmpp_2m_sde/logsnr/8", 8)],
+)
+def test_eval_spec_accepts_the_extra_solvers(spec, n_steps):
+    assert EvalSpec.parse(spec).n_steps == n_steps
+
+
+def test_eval_spec_rejects_an_nfe_the_extra_solvers_cannot_make():
+    with pytest.raises(ValueError, match="nearest valid: 4 or 6"):
+        EvalSpec("edm_stochastic", "karras", 5)
+    with pytest.raises(ValueError, match="cannot make exactly 1"):
+        EvalSpec("unipc", "karras", 1)
 
 
 def test_initial_noise_is_per_index_and_labels_follow_the_noise():

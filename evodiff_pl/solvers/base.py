@@ -9,13 +9,15 @@ trailing zero); the solver steps through each consecutive pair and returns the s
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable, Literal, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, float, Tensor], None]
+Noise = Callable[[Tensor], Tensor]
+LowerOrderFinal = bool | Literal["auto"]
 NfeRule = Callable[..., int]
 F = TypeVar("F", bound=Callable[..., Tensor])
 
@@ -32,6 +34,48 @@ def counts_nfe(rule: NfeRule) -> Callable[[F], F]:
 
 def one_per_step(n_steps: int, **_: object) -> int:
     return n_steps
+
+
+def final_orders(lower_order_final: LowerOrderFinal, n_steps: int) -> bool:
+    """Whether the last steps drop their order: True always, False never, "auto" only when n_steps < 10.
+
+    "auto" is the rule of the official DPM-Solver code (docs/solvers_extra.md §5).
+    """
+    if lower_order_final == "auto":
+        return n_steps < 10
+    if not isinstance(lower_order_final, bool):
+        raise ValueError(f"lower_order_final must be True, False or 'auto', got {lower_order_final!r}")
+    return lower_order_final
+
+
+def per_sample_noise(generators: Sequence[torch.Generator]) -> Noise:
+    """A stochastic solver's `noise`: standard normal like x, row r drawn from generators[r] (CPU, float32).
+
+    Each sample draws from its own generator, so its noise never depends on its batch or the device.
+    """
+
+    def noise(x: Tensor) -> Tensor:
+        if len(generators) != x.shape[0]:
+            raise ValueError(f"noise: {len(generators)} generators for a batch of {x.shape[0]}")
+        rows = [torch.randn(x.shape[1:], generator=g) for g in generators]
+        return torch.stack(rows).to(device=x.device, dtype=x.dtype)
+
+    return noise
+
+
+def seeded_noise(seeds: Tensor | Sequence[int]) -> Noise:
+    """`per_sample_noise` with one fresh generator per sample, seeded with seeds[r]."""
+    return per_sample_noise([torch.Generator().manual_seed(int(s)) for s in torch.as_tensor(seeds).tolist()])
+
+
+def needs_noise(name: str, noise: Noise | None) -> Noise:
+    """The noise source of a stochastic solver, or a clear error when it has none."""
+    if noise is None:
+        raise ValueError(
+            f"{name} is stochastic: pass noise=, a per-sample source such as evodiff_pl.solvers.seeded_noise(seeds) "
+            "(evodiff_pl.generate.generate does this from each sample's seed)"
+        )
+    return noise
 
 
 def levels(x: Tensor, sigmas: Tensor) -> list[float]:
