@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from evodiff_pl.checkpointing import CHECKPOINT_KEY, CheckpointError, read_checkpoint
-from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict
+from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict, usage
 from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, build_from_config
 from evodiff_pl.fileio import atomic_write_text
 from evodiff_pl.evaluation import SampleQualityCallback
@@ -166,12 +166,18 @@ def run(cfg: DictConfig) -> TrainingRun:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python train.py [--config FILE] [key=value ...]`; known errors print one line and return 1."""
-    parser = argparse.ArgumentParser(description="Train an EDM diffusion model with a learned entropic-time schedule.")
+    parser = argparse.ArgumentParser(description="Train an EDM diffusion model with a learned entropic-time schedule.",
+                                     epilog=usage(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.devices=8 data.batch_size=64")
     args = parser.parse_args(argv)
     try:
-        run(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            return 0
+        run(cfg)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
