@@ -30,6 +30,7 @@ from evodiff_pl.fileio import atomic_write_text
 from evodiff_pl.evaluation import SampleQualityCallback
 from evodiff_pl.loggers import (PlainProgress, ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb,
                                 is_terminal, use_kimg_axis)
+from evodiff_pl.metrics import InceptionWeightsError
 from evodiff_pl.module import EDMModule, NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.precond import EDMLoss, EDMPrecond
@@ -37,7 +38,7 @@ from evodiff_pl.resume import AtomicCheckpointIO, PeriodicCheckpoint, resume_che
 
 T = TypeVar("T")
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, NonFiniteTrainingError)
+USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, NonFiniteTrainingError, InceptionWeightsError)
 """Errors reported as one message (no traceback) by `main`."""
 
 
