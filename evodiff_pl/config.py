@@ -180,8 +180,9 @@ class PerfConfig:
     sync_free_step: bool = False
     """Decide the non-finite-step skip on the device (fused Adam's found_inf, masked EMA and tracker updates), so
     the host waits for the device only at logging steps; the skip is still the same on every rank, but a run of
-    skipped steps is reported (and stops the run) only at the next logging step. Fused Adam rounds differently
-    from the default Adam; not with trainer.precision=16-mixed."""
+    skipped steps is reported (and stops the run) only at the next logging step, and a skipped batch counts as a
+    trainer step (the run ends after exactly ceil(train.total_images / data.batch_size) batches). Fused Adam rounds
+    differently from the default Adam (float tolerance); not with trainer.precision=16-mixed."""
 
 
 @dataclass

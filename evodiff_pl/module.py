@@ -139,6 +139,9 @@ class EDMModule(L.LightningModule):
         self.ema.eval()
         return self
 
+    def on_train_start(self) -> None:
+        self._last_log = (time.perf_counter(), self.images_seen)  # img/s of the first logging step
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), **self.adam, fused=True if self.sync_free else None)
 
