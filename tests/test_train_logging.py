@@ -95,8 +95,8 @@ def wandb_records(run_dir):
 
 
 def test_wandb_plots_everything_against_kimg_with_tags_group_and_tables(no_wandb_login, tmp_path):
-    train_in_process(GMM, tiny_gmm(tmp_path, "logger.kind=wandb", "logger.mode=offline", "logger.log_every_steps=2",
-                                   "logger.tags=[tiny,cpu]", "logger.group=tests", "entropic.update_every_steps=3"))
+    train_in_process(GMM, tiny_gmm(tmp_path, "logger.kind=wandb", "logger.mode=offline", "logger.log_every_steps=4",
+                                   "logger.tags=[tiny,cpu]", "logger.group=tests", "train.total_images=768"))
     records = wandb_records(tmp_path)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert list(run.tags) == ["tiny", "cpu"] and run.run_group == "tests"
@@ -105,7 +105,7 @@ def test_wandb_plots_everything_against_kimg_with_tags_group_and_tables(no_wandb
     rows = [{item.nested_key[0] if item.nested_key else item.key: item.value_json for item in r.history.item}
             for r in records if r.WhichOneof("record_type") == "history"]
     losses = [row for row in rows if "train/loss" in row]
-    assert [float(row["train/kimg"]) for row in losses] == [0.128, 0.256, 0.384]
+    assert [float(row["train/kimg"]) for row in losses] == [0.256, 0.512, 0.768]
     tables = [row for row in rows if "entropic/loss_per_sigma_table" in row]
     assert tables and all("entropic/schedule_table" in row and "train/kimg" in row for row in tables)
 
