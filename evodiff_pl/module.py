@@ -54,6 +54,12 @@ def lr_at(images_seen: int, lr: float, rampup_images: int) -> float:
     return lr * min(images_seen / max(rampup_images, 1e-8), 1.0)
 
 
+def cpu_scalars(values: dict[str, float]) -> dict[str, Tensor]:
+    """Numbers as float64 CPU tensors: Lightning keeps a logged tensor on its device, so reading these back for the
+    logger or the progress bar never waits for the GPU (a logged Python float becomes a tensor on the GPU)."""
+    return {key: torch.tensor(value, dtype=torch.float64) for key, value in values.items()}
+
+
 class EDMModule(L.LightningModule):
     """EDM training of `net` (an EDMPrecond) with an EMA copy, the σ-binned loss tracker and its entropic schedule.
 
@@ -268,9 +274,8 @@ class EDMModule(L.LightningModule):
         self._last_log = (now, self.images_seen)
         metrics = {"train/lr": lr, "train/grad_norm": grad_norm, "train/images_seen": float(self.images_seen),
                    "train/kimg": self.images_seen / 1000}
-        cpu = lambda d: {k: torch.tensor(v, dtype=torch.float64) for k, v in d.items()}  # noqa: E731
-        self.log_dict(cpu(metrics), on_step=True, on_epoch=False, rank_zero_only=True)
-        self.log_dict(cpu(shown), prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log_dict(cpu_scalars(metrics), on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log_dict(cpu_scalars(shown), prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def _skip(self, batch_sigmas: Tensor, n_bad: float, loss_sum: float, grad_norm: float) -> None:
         self.nonfinite_streak += 1
