@@ -133,6 +133,8 @@ class DiffusionDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {holdout}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed

@@ -48,13 +48,20 @@ def test_shipped_configs_are_found_by_name_from_any_folder(monkeypatch, tmp_path
     assert capsys.readouterr().err.startswith("error: config file configs/nope.yaml does not exist (shipped configs: ")
 
 
-def test_missing_inception_weights_is_one_line(tmp_path, capsys):
-    missing = tmp_path / "weights.pth"
-    assert main(["--config", str(DIGITS), f"run.dir={tmp_path / 'run'}", "logger.kind=none",
-                 "evaluation.feature=inception", f"evaluation.weights_path={missing}"]) == 1
+@pytest.mark.parametrize("overrides, message", [
+    (["evaluation.feature=inception", "evaluation.weights_path={tmp}/weights.pth"],
+     "Inception weights file {tmp}/weights.pth does not exist; on an offline node download https://github.com/"
+     "toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth elsewhere and pass its"
+     " path (train.py: evaluation.weights_path=/path/weights-inception-2015-12-05-6726825d.pth"),
+    (["data.num_workers=-1"], "data: num_workers must be >= 0"),
+    (["logger.tags=cifar"], "invalid value for logger.tags in the command line"),
+    (["perf.sync_free_step=true", "trainer.precision=16-mixed"], "perf.sync_free_step does not work with"),
+])
+def test_user_errors_are_one_line(overrides, message, tmp_path, capsys):
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    assert main(["--config", str(DIGITS), f"run.dir={tmp_path / 'run'}", "logger.kind=none", *overrides]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: Inception weights file {missing} does not exist") and err.count("\n") == 1
-    assert "evaluation.weights_path=/path/weights-inception-2015-12-05-6726825d.pth" in err
+    assert err.startswith("error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1
 
 
 def test_non_terminal_run_prints_a_plain_progress_line(tmp_path, capsys):
