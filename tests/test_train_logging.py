@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import re
 import socket
 
 import pytest
@@ -115,15 +117,18 @@ def test_wandb_disabled_writes_nothing(no_wandb_login, tmp_path):
     assert not (tmp_path / "wandb").exists() and not (tmp_path / RUN_ID_FILE).exists()
 
 
-def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path):
-    """The default config, shrunk: the evaluation callback scores evodiff and dpmpp_2m at NFE 10."""
+def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path, caplog):
+    """The default config, shrunk: the evaluation callback scores evodiff and dpmpp_2m at NFE 10 and reports its
+    progress."""
     overrides = [
         f"run.dir={tmp_path}", "model.net.model_channels=16", "model.net.channel_mult=[1,1]",
         "data.batch_size=64", "train.total_images=384", "logger.kind=csv", "trainer.progress_bar=false",
         "entropic.update_every_steps=3", "evaluation.num_samples=64", "evaluation.grid_size=16",
-        f"evaluation.stats_dir={tmp_path / 'stats'}",
+        f"evaluation.stats_dir={tmp_path / 'stats'}", "evaluation.batch_size=32", "evaluation.progress_every_s=0",
     ]
-    train_in_process(DIGITS, overrides)
+    with caplog.at_level(logging.INFO):
+        train_in_process(DIGITS, overrides)
+    assert re.search(r"evodiff_rescaled_entropic_nfe10: 32/64 samples, \d+ img/s, ETA \d+ s", caplog.text)
     rows = list(csv.DictReader(open(next((tmp_path / "csv").glob("version_*/metrics.csv")))))
     names = {k for row in rows for k, v in row.items() if v}
     for spec in ("evodiff_rescaled_entropic_nfe10", "dpmpp_2m_logsnr_nfe10"):
