@@ -12,19 +12,29 @@ the number of processes; `data.batch_size` is the GLOBAL batch, split evenly ove
 
 from __future__ import annotations
 
+import ast
 import collections.abc
 import difflib
 import inspect
+import textwrap
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+
+
+def config_dir() -> Path:
+    """The shipped YAML configs: `evodiff_pl/configs` of an installed package, else the checkout's `configs/`."""
+    here = Path(__file__).resolve().parent
+    return here / "configs" if (here / "configs").is_dir() else here.parent / "configs"
+
+
+DEFAULT_CONFIG = config_dir() / "digits.yaml"
 
 
 class ConfigError(ValueError):
@@ -134,7 +144,12 @@ class LoggerConfig:
     entity: Optional[str] = None
     """W&B entity (team or user); default: the account's default."""
     log_every_steps: int = 50
-    """Send scalar metrics to the logger every this many steps."""
+    """Send scalar metrics to the logger (and print the progress line when stdout is not a terminal) every this
+    many steps; the step's loss and gradient norm are read from the device only then."""
+    tags: List[str] = field(default_factory=list)
+    """W&B run tags, e.g. [cifar10, bf16]."""
+    group: Optional[str] = None
+    """W&B run group (runs of one group can be shown together); default: none."""
 
 
 @dataclass
@@ -152,7 +167,26 @@ class TrainerConfig:
     val_every_steps: int = 500
     """Run validation (the evaluation callback) every this many training batches and at the end."""
     progress_bar: bool = True
-    """Show the TQDM progress bar (with images/s)."""
+    """Show progress: a TQDM bar on a terminal; otherwise (SLURM logs) a plain line every logger.log_every_steps
+    steps with step, images, img/s, loss and ETA."""
+
+
+@dataclass
+class PerfConfig:
+    tf32: bool = False
+    """Allow TF32 in CUDA matmuls and convolutions (faster on Ampere+ GPUs; changes the numbers)."""
+    cudnn_benchmark: bool = False
+    """Let cuDNN time its convolution algorithms for each shape (faster; may change the numbers)."""
+    channels_last: bool = False
+    """Keep the image network's weights and inputs in channels-last memory format (faster convolutions on GPU)."""
+    compile: bool = False
+    """torch.compile the trained network (the first steps are slow while it compiles)."""
+    sync_free_step: bool = False
+    """Decide the non-finite-step skip on the device (fused Adam's found_inf, masked EMA and tracker updates), so
+    the host waits for the device only at logging steps; the skip is still the same on every rank, but a run of
+    skipped steps is reported (and stops the run) only at the next logging step, and a skipped batch counts as a
+    trainer step (the run ends after exactly ceil(train.total_images / data.batch_size) batches). Fused Adam rounds
+    differently from the default Adam (float tolerance); not with trainer.precision=16-mixed."""
 
 
 @dataclass
@@ -165,11 +199,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: Dict[str, Any] = field(default_factory=lambda: {"name": "digits", "batch_size": 128, "num_workers": 0})
     """`name` (a dataset in `evodiff_pl.data.DATASETS`) and its constructor's keyword arguments;
-    `batch_size` is the global batch (all processes together)."""
+    `batch_size` is the global batch (all processes together); `num_workers` and `pin_memory` set the loader."""
     entropic: EntropicConfig = field(default_factory=EntropicConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     evaluation: Dict[str, Any] = field(default_factory=lambda: {"enabled": True})
     """`enabled` and the keyword arguments of `evodiff_pl.evaluation.SampleQualityCallback` (out_dir
     defaults to run.dir)."""
@@ -190,6 +225,59 @@ POSITIVE: tuple[str, ...] = (
     "checkpoint.every_steps", "logger.log_every_steps", "trainer.num_nodes", "trainer.val_every_steps",
 )
 """Keys that must be > 0."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass, by field name."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: inspect.cleandoc(b.value.value) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def format_default(value: Any) -> str:
+    """A default as it is written on the command line: null, true/false, [a, b], {k: v}, or the value."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_default(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_default(v)}" for k, v in value.items()) + "}"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def arg_docs(cls: type) -> dict[str, str]:
+    """The `Args:` entries of the `__init__` docstrings of `cls` and its bases, by name, each on one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        text = inspect.cleandoc(klass.__dict__["__init__"].__doc__ or "") if "__init__" in klass.__dict__ else ""
+        name = None
+        for line in text.split("Args:", 1)[-1].splitlines() if "Args:" in text else ():
+            head, sep, rest = line.strip().partition(": ")
+            if line.startswith("    ") and not line.startswith("     ") and sep and head.isidentifier():
+                name, docs[head] = head, rest.strip()
+            elif name is not None and line.startswith("        "):
+                docs[name] += " " + line.strip()
+            else:
+                name = None
+    return docs
+
+
+def constructor_keys(section: str, target: type, skip: typing.Container[str] = ()) -> list[tuple[str, str, str]]:
+    """(key, default, doc) rows for the keyword arguments of a constructor forwarded from config section `section`."""
+    docs = arg_docs(target)
+    return [(f"{section}.{name}", "required" if p.default is p.empty else format_default(p.default), docs.get(name, ""))
+            for name, p in signature_params(target).items() if name not in skip]
+
+
+def key_docs(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, documentation on one line) of every field of a dataclass schema, sections expanded."""
+    docs = field_docs(cls)
+    rows: list[tuple[str, str, str]] = []
+    for f in fields(cls):
+        default = f.default_factory() if f.default is MISSING else f.default
+        if is_dataclass(default):
+            rows += key_docs(type(default), f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, format_default(default), " ".join(docs.get(f.name, "").split())))
+    return rows
 
 
 def did_you_mean(value: str, valid: typing.Iterable[str]) -> str:
@@ -330,11 +418,37 @@ def check_forwarded(cfg: DictConfig) -> None:
     check_kwargs("evaluation", SampleQualityCallback, evaluation)
 
 
+def usage() -> str:
+    """train.py's key reference: every key of the schema with its default and documentation."""
+    from evodiff_pl.data import DATASETS
+    from evodiff_pl.evaluation import SampleQualityCallback
+    from evodiff_pl.networks import NETWORKS
+
+    derived = ("img_resolution", "in_channels", "out_channels", "dim", "label_dim", "seed")
+    sections = [("keys (override as key=value; the defaults of the schema, which the YAML file may change)",
+                 key_docs(Config))]
+    sections += [(f"model.net.* for model.network={name}", constructor_keys("model.net", net, derived))
+                 for name, net in NETWORKS.items()]
+    sections += [(f"data.* for data.name={name}", constructor_keys("data", dm, derived)) for name, dm in DATASETS.items()]
+    sections.append(("evaluation.* (evaluation.enabled=true turns it on)",
+                     constructor_keys("evaluation", SampleQualityCallback)))
+    lines: list[str] = []
+    for title, rows in sections:
+        lines += ["", title + ":"]
+        for key, default, doc in rows:
+            lines += [f"  {key}={default}", f"      {doc}"]
+    return "\n".join(lines[1:])
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DictConfig:
     """Schema defaults <- YAML file (default configs/digits.yaml) <- `key=value` overrides, validated."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    shipped = config_dir() / path.name
+    if not path.is_file() and path.parent in (Path("."), Path("configs")) and shipped.is_file():
+        path = shipped  # `configs/cifar10.yaml` or `cifar10.yaml` outside a checkout: the copy in the package
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        names = ", ".join(sorted(p.name for p in config_dir().glob("*.yaml")))
+        raise ConfigError(f"config file {path} does not exist (shipped configs: {names})")
     cfg = OmegaConf.structured(Config)
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))

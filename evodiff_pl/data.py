@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
+from evodiff_pl.downloads import download_timeout
 from evodiff_pl.images import from_uint8, to_uint8
 from evodiff_pl.seeding import derive_seed
 from evodiff_pl.toy import GaussianMixture
@@ -118,7 +119,8 @@ class DiffusionDataModule(L.LightningDataModule):
     name: ClassVar[str]
     is_image: ClassVar[bool]
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, holdout: int = 0) -> None:
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, holdout: int = 0,
+                 pin_memory: bool = False, prepare_per_node: bool = True) -> None:
         """
         Args:
             batch_size: the global batch, split evenly over the processes.
@@ -126,16 +128,23 @@ class DiffusionDataModule(L.LightningDataModule):
                 in-memory datasets, raise it for image_folder.
             seed: seed of the data order (see the module docstring).
             holdout: samples kept out of training for the validation loss (module docstring); 0 = none.
+            pin_memory: page-locked loader batches (faster, asynchronous copies to a GPU).
+            prepare_per_node: download on one process per node; false: on one process in all (set it when the
+                data root is on a filesystem shared by the nodes, so they do not download into it at once).
         """
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {holdout}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.holdout = holdout
+        self.pin_memory = pin_memory
+        self.prepare_data_per_node = prepare_per_node
         self.shape: tuple[int, ...] = ()
         self.num_classes = 0
         self._data: Dataset | None = None
@@ -194,6 +203,7 @@ class DiffusionDataModule(L.LightningDataModule):
             batch_size=self.batch_size if batch_size is None else batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
             **kwargs,
         )
 
@@ -352,12 +362,13 @@ class CIFAR10DataModule(_ImageDataModule):
         reason = "download disabled (data.download=false)"
         if self.download:
             try:
-                download_and_extract_archive(
-                    CIFAR10.url, str(self.root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
-                )
+                with download_timeout() as seconds:
+                    download_and_extract_archive(
+                        CIFAR10.url, str(self.root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
+                    )
                 return folder
             except (URLError, RuntimeError, OSError) as err:
-                reason = f"download failed: {type(err).__name__}: {err}"
+                reason = f"download failed ({seconds:g} s timeout): {type(err).__name__}: {err}"
         raise DatasetNotFoundError(
             f"CIFAR-10 not found in {self.root} and could not be downloaded ({reason}). Download "
             f"{CIFAR10.filename} ({CIFAR10.url}) elsewhere and either put it in {self.root} or extract it "

@@ -10,7 +10,7 @@ and leaves `sample.py` without the raw weights. Here the checkpoint holds both, 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def ema_beta(images_seen: int, batch_images: int, halflife_images: float, rampup_ratio: float | None) -> float:
@@ -24,10 +24,16 @@ def ema_beta(images_seen: int, batch_images: int, halflife_images: float, rampup
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * net for parameters; buffers are copied."""
+def update_ema(ema: nn.Module, net: nn.Module, beta: float, keep: Tensor | None = None) -> None:
+    """ema <- beta * ema + (1 - beta) * net for parameters; buffers are copied. `keep`, a 0-dim bool tensor on the
+    parameters' device, masks the update without a host-device synchronisation (False: parameters unchanged)."""
     ema_params = [p for p in ema.parameters()]
     net_params = [p.detach() for p in net.parameters()]
-    torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
+    if keep is None:
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
+    else:
+        weight = keep.to(torch.float64) * (1.0 - beta)
+        weights = {dtype: weight.to(dtype) for dtype in {p.dtype for p in ema_params}}
+        torch._foreach_lerp_(ema_params, net_params, [weights[p.dtype] for p in ema_params])
     for b_ema, b_net in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b_net)

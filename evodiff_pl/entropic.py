@@ -129,8 +129,11 @@ class SigmaBinnedLoss:
             self._sum, self._count, self._pending_sum, self._pending_count = (b.to(device) for b in self._buffers())
 
     @torch.no_grad()
-    def update(self, sigma: Tensor, mse: Tensor, weight: Tensor) -> None:
-        """Add one training step: per-sample sigma (B,), x0-space MSE (B,) (mean over elements) and lambda (B,)."""
+    def update(self, sigma: Tensor, mse: Tensor, weight: Tensor, keep: Tensor | None = None) -> None:
+        """Add one training step: per-sample sigma (B,), x0-space MSE (B,) (mean over elements) and lambda (B,).
+
+        `keep`, a 0-dim bool tensor, masks the whole step on the device (False: the sums and their decay stay as
+        they were, without a host-device synchronisation); the step is counted either way."""
         sigma, mse, weight = (t.detach().reshape(-1).to(torch.float64) for t in (sigma, mse, weight))
         if not sigma.shape == mse.shape == weight.shape:
             raise ValueError(f"sigma, mse and weight must have one value per sample, got shapes "
@@ -138,13 +141,16 @@ class SigmaBinnedLoss:
         self._to(sigma.device)
         log_sigma = sigma.log()
         valid = (log_sigma >= self._lo) & (log_sigma <= self._hi)
+        if keep is not None:
+            valid = valid & keep
         pos = torch.where(valid, (log_sigma - self._lo) / self._width, torch.zeros_like(log_sigma))
         idx = pos.floor().clamp(0, self.n_bins - 1).long()
         # q = lambda(sigma) * MSE, the EDM loss per sample (docs/method.md §3)
         q = torch.where(valid, weight * mse, torch.zeros_like(mse))
         if self.ema_decay is not None:
-            self._pending_sum.mul_(self.ema_decay)
-            self._pending_count.mul_(self.ema_decay)
+            decay = self.ema_decay if keep is None else 1.0 + keep.to(torch.float64) * (self.ema_decay - 1.0)  # exact
+            self._pending_sum.mul_(decay)
+            self._pending_count.mul_(decay)
         self._pending_sum.index_add_(0, idx, q)
         self._pending_count.index_add_(0, idx, valid.to(torch.float64))
         self._pending_steps += 1

@@ -51,6 +51,7 @@ class SampleQualityCallback(L.Callback):
         batch_size: int = 256,
         grid_size: int = 64,
         out_dir: str | os.PathLike | None = None,
+        progress_every_s: float = 60.0,
     ) -> None:
         """
         Args:
@@ -69,6 +70,7 @@ class SampleQualityCallback(L.Callback):
             batch_size: samples per denoiser call on each rank.
             grid_size: images in each spec's sample grid; 0 disables the grids.
             out_dir: the grids go to out_dir/grids; default the trainer's default_root_dir.
+            progress_every_s: rank 0 reports the evaluation's progress (samples, img/s, ETA) at most this often.
         """
         super().__init__()
         self.specs = [EvalSpec.parse(s) for s in specs]
@@ -95,6 +97,7 @@ class SampleQualityCallback(L.Callback):
         self.batch_size = batch_size
         self.grid_size = grid_size
         self.out_dir = out_dir
+        self.progress_every_s = progress_every_s
         # Build (and so check) the Inception weights now, not after the first training epoch.
         self._extractor = build_extractor(feature, weights_path=weights_path) if feature != "pixels" else None
         self.score: FrechetScore | None = None
@@ -180,11 +183,19 @@ class SampleQualityCallback(L.Callback):
         n_failed = 0.0
         try:
             share = rank_indices(self.num_samples, trainer.global_rank, trainer.world_size)
+            start = last = time.perf_counter()
+            done = 0
             for chunk in share.split(self.batch_size) if len(share) else ():
                 x = self._sample(pl_module, spec, sigmas, chunk)
                 if not bool(torch.isfinite(x).all()):
                     raise FloatingPointError("non-finite samples")
                 score.update(x)
+                done += len(chunk)
+                now = time.perf_counter()
+                if now - last >= self.progress_every_s and done < len(share):
+                    last, rate = now, done / (now - start)
+                    rank_zero_info(f"{spec.name}: {done * trainer.world_size}/{self.num_samples} samples, "
+                                   f"{rate * trainer.world_size:.0f} img/s, ETA {(len(share) - done) / rate:.0f} s")
             if not len(share):  # a rank without samples still takes part in compute()
                 score.update(torch.empty(0, *pl_module.sample_shape, device=pl_module.device))
         except Exception:  # one rank failing must not leave the others waiting in compute()

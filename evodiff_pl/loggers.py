@@ -4,7 +4,10 @@ W&B mode `auto` is online when an API key is configured (WANDB_API_KEY, or a ~/.
 W&B host) and the server answers, and offline otherwise; an explicit `online` without a key or without a
 reachable server falls back to offline with a warning, so neither a missing login nor an offline compute
 node stops a run. WANDB_MODE in the environment wins over `auto`. The W&B
-run id is kept in `<run.dir>/wandb_run_id`, so a resumed run continues the same W&B run.
+run id is kept in `<run.dir>/wandb_run_id`, so a resumed run continues the same W&B run. Every W&B metric is
+plotted against `train/kimg` (thousands of images seen, as EDM), so runs with different batch sizes line up.
+
+Progress: a TQDM bar on a terminal (`StepProgressBar`), else a plain line every few steps (`PlainProgress`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import netrc
 import os
 import secrets
 import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from matplotlib.figure import Figure
@@ -29,6 +34,8 @@ from evodiff_pl.fileio import atomic_write_text
 from evodiff_pl.schedules import karras
 
 RUN_ID_FILE = "wandb_run_id"
+STEP_METRIC = "train/kimg"
+"""The x axis of every W&B chart: thousands of images seen."""
 
 
 def wandb_base_url() -> str:
@@ -96,7 +103,8 @@ def wandb_run_id(run_dir: Path, write: bool) -> str:
 def _wandb(cfg: Any, run_dir: Path, name: str, is_rank_zero: bool) -> Logger:
     mode = resolve_wandb_mode(cfg.mode)
     return WandbLogger(name=name, save_dir=str(run_dir), project=cfg.project, entity=cfg.entity,
-                       id=wandb_run_id(run_dir, write=is_rank_zero and mode != "disabled"), mode=mode)
+                       id=wandb_run_id(run_dir, write=is_rank_zero and mode != "disabled"), mode=mode,
+                       tags=list(cfg.tags) or None, group=cfg.group)
 
 
 class RunCSVLogger(Logger):
@@ -166,6 +174,15 @@ def build_logger(cfg: Any, run_dir: Path, name: str, is_rank_zero: bool) -> Logg
     return LOGGERS[cfg.kind](cfg, run_dir, name, is_rank_zero)
 
 
+def use_kimg_axis(loggers: list[Logger]) -> None:
+    """Plot every metric of the W&B loggers against `train/kimg` (W&B fills in its last value where a call to
+    `log` leaves it out). Call on every rank: on the others the logger's experiment is a no-op."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.define_metric(STEP_METRIC)
+            logger.experiment.define_metric("*", step_metric=STEP_METRIC)
+
+
 def finish_wandb(exit_code: int) -> None:
     """End this process's W&B run, if any (marks it failed for exit_code != 0; a later run starts its own)."""
     import wandb
@@ -215,6 +232,21 @@ def plot_schedule(schedule: EntropicSchedule, sigma_min: float, sigma_max: float
     return fig
 
 
+def curve_tables(tracker: SigmaBinnedLoss, schedule: EntropicSchedule, sigma_min: float, sigma_max: float
+                 ) -> dict[str, tuple[list[str], list[list[float]]]]:
+    """The loss per σ and the learned schedule as (columns, rows), x first: tables that overlay across runs."""
+    sigma, q, counts = tracker.bin_centers(), tracker.mean_q(), tracker.counts()
+    # m = q / λ(σ)  (docs/method.md §3)
+    mse = q / edm_loss_weight(sigma, tracker.sigma_data)
+    loss_rows = [[float(s), float(a), float(b), float(n)] for s, a, b, n in zip(sigma, q, mse, counts)]
+    tau = [1 - j / 256 for j in range(257)]
+    grid = schedule.sigmas(256, sigma_min, sigma_max).tolist()
+    return {
+        "entropic/loss_per_sigma": (["sigma", "loss", "mse_x0", "samples"], loss_rows),
+        "entropic/schedule": (["tau", "sigma"], [[t, float(s)] for t, s in zip(tau, grid)]),
+    }
+
+
 class ScheduleArtifacts(L.Callback):
     """Rank 0 writes `schedule.json` atomically after each schedule rebuild; the loss-per-σ and schedule plots
     (PNG in `<run_dir>/plots/`, and to W&B) are redrawn after each validation and at the end of training, since
@@ -259,9 +291,15 @@ class ScheduleArtifacts(L.Callback):
         if wandb_loggers:
             import wandb
 
-            images = {key: wandb.Image(fig) for key, fig in figures.items()}
+            kimg = pl_module.images_seen / 1000
+            entries: dict[str, Any] = {key: wandb.Image(fig) for key, fig in figures.items()}
+            for key, (columns, rows) in curve_tables(pl_module.tracker, schedule, pl_module.sigma_min,
+                                                     pl_module.sigma_max).items():
+                table = wandb.Table(columns=[*columns, "kimg"], data=[[*row, kimg] for row in rows])
+                entries[f"{key}_table"] = table
+                entries[f"{key}_line"] = wandb.plot.line(table, columns[0], columns[1], title=f"{key} at {kimg:g} kimg")
             for logger in wandb_loggers:
-                logger.experiment.log({**images, "trainer/global_step": trainer.global_step})
+                logger.experiment.log({**entries, "trainer/global_step": trainer.global_step, STEP_METRIC: kimg})
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -289,3 +327,50 @@ class StepProgressBar(TQDMProgressBar):
     ) -> None:
         # the parent shows batch_idx + 1; a skipped non-finite step advances batch_idx but not global_step
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
+
+
+def is_terminal() -> bool:
+    """Whether the progress bar's stream (stderr) is a terminal; SLURM logs are not."""
+    return sys.stderr.isatty()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class PlainProgress(ProgressBar):
+    """Progress for logs that are not terminals: every `every` batches (and at the end) rank 0 prints one line,
+    `step 1200/390625 | 614.4 kimg | 2310 img/s | loss 0.0312 | ETA 46h58m`, with the rate and ETA of this launch.
+    The loss is the last logged one (`logger.log_every_steps`)."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = every
+        self._enabled = True
+        self._start: tuple[float, int, int] | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.perf_counter(), trainer.global_step, int(pl_module.images_seen))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step, last = trainer.global_step, trainer.global_step >= trainer.max_steps
+        if not (self._enabled and trainer.is_global_zero and self._start) or (pl_module.batches_seen % self.every
+                                                                              and not last):
+            return
+        elapsed = max(time.perf_counter() - self._start[0], 1e-9)
+        steps_per_s = (step - self._start[1]) / elapsed
+        parts = [f"step {step}/{trainer.max_steps}", f"{pl_module.images_seen / 1000:.1f} kimg",
+                 f"{(pl_module.images_seen - self._start[2]) / elapsed:.0f} img/s"]
+        loss = trainer.progress_bar_metrics.get("train/loss")
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4g}")
+        if steps_per_s > 0:
+            parts.append(f"ETA {_duration((trainer.max_steps - step) / steps_per_s)}")
+        print(" | ".join(parts), flush=True)

@@ -5,7 +5,8 @@ outer products on every rank, summed once at `compute()`) with a feature extract
 
 - "inception": the standard FID features (torch-fidelity's InceptionV3 port of the TF graph, 2048-d pool
   features, TF-style bilinear resize without antialiasing as in EDM's numbers); grey images are repeated
-  to RGB. Offline clusters pass `weights_path` (torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`).
+  to RGB. Offline clusters pass `weights_path` (torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`,
+  `INCEPTION_FILE`).
 - "pixels": the flattened uint8 pixel values (as float64) of images, or the raw vectors of vector data
   (gmm); a cheap, offline distance for tiny images. It is called FD, never FID.
 
@@ -33,12 +34,24 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from evodiff_pl.dist import all_reduce_sum_sync
+from evodiff_pl.downloads import download_timeout
 from evodiff_pl.fileio import atomic_write
 from evodiff_pl.images import to_uint8
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
+INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
+"""The one name of the Inception weights file everywhere (torch-fidelity's release asset)."""
+
+
+class InceptionWeightsError(FileNotFoundError, RuntimeError):
+    """The Inception weights are missing or unreadable; the message says which file to pass."""
+
+
+_OFFLINE_HINT = (f"on an offline node download {INCEPTION_URL} elsewhere and pass its path (train.py: "
+                 f"evaluation.weights_path=/path/{INCEPTION_FILE}, sample.py: inception_weights=...), "
+                 "or use evaluation.feature=pixels")
 
 
 def default_stats_dir() -> Path:
@@ -108,20 +121,17 @@ class InceptionFeatures(nn.Module):
         """
         super().__init__()
         if weights_path is not None and not Path(weights_path).expanduser().is_file():
-            raise FileNotFoundError(
-                f"Inception weights file {weights_path} does not exist; pass weights_path= the local copy of "
-                f"{INCEPTION_URL.rsplit('/', 1)[1]} (download it from {INCEPTION_URL})"
-            )
+            raise InceptionWeightsError(f"Inception weights file {weights_path} does not exist; {_OFFLINE_HINT}")
         path = None if weights_path is None else str(Path(weights_path).expanduser())
         try:
-            self.net = NoTrainInceptionV3(
-                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path, antialias=False
-            )
-        except Exception as err:  # download (URLError), unpickling and state-dict errors all mean the same here
-            where = f"from {path}" if path else f"from {INCEPTION_URL} (no weights_path given)"
-            raise RuntimeError(
-                f"could not load the Inception weights {where}: {type(err).__name__}: {err}. On offline machines "
-                f"download {INCEPTION_URL} elsewhere and pass weights_path=/path/to/it (or use feature='pixels')"
+            with download_timeout() as seconds:
+                self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                              feature_extractor_weights_path=path, antialias=False)
+        except Exception as err:  # download (URLError, timeout), unpickling and state-dict errors all mean the same
+            where = f"from {path}" if path else f"from {INCEPTION_URL} (no weights_path given, {seconds:g} s timeout)"
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise InceptionWeightsError(
+                f"could not load the Inception weights {where}: {type(err).__name__}: {first}; {_OFFLINE_HINT}"
             ) from err
 
     def forward(self, x: Tensor) -> Tensor:

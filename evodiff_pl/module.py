@@ -12,6 +12,12 @@ every rank alike (no optimizer, EMA or tracker update) and reported with the ste
 sigmas; more than `max_nonfinite_steps` in a row writes a checkpoint and raises `NonFiniteTrainingError`.
 With 16-mixed precision, gradient overflow is the GradScaler's business (it skips the step and lowers
 the scale); such a step updates neither EMA nor tracker and is not counted as a failure.
+
+The skip decision reads the all-reduced loss and gradient norm on the host, one device synchronisation
+per step. `perf.sync_free_step` decides it on the device instead (fused Adam's `found_inf`, EMA and
+tracker updates masked by the same flag, every rank alike) and reads the numbers only at logging steps,
+where skipped steps are reported and the `max_nonfinite_steps` limit is checked. Metrics are logged as
+CPU tensors at logging steps only, so logging never waits for the device in between.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from evodiff_pl.checkpointing import CHECKPOINT_KEY, FORMAT, VERSION
-from evodiff_pl.config import EMAConfig, EntropicConfig, OptimConfig, TrainConfig
+from evodiff_pl.config import EMAConfig, EntropicConfig, OptimConfig, PerfConfig, TrainConfig
 from evodiff_pl.dist import world
 from evodiff_pl.ema import ema_beta, update_ema
 from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss
@@ -46,6 +52,12 @@ def lr_at(images_seen: int, lr: float, rampup_images: int) -> float:
     """Learning rate after `images_seen` images."""
     # EDM training_loop.py: lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
     return lr * min(images_seen / max(rampup_images, 1e-8), 1.0)
+
+
+def cpu_scalars(values: dict[str, float]) -> dict[str, Tensor]:
+    """Numbers as float64 CPU tensors: Lightning keeps a logged tensor on its device, so reading these back for the
+    logger or the progress bar never waits for the GPU (a logged Python float becomes a tensor on the GPU)."""
+    return {key: torch.tensor(value, dtype=torch.float64) for key, value in values.items()}
 
 
 class EDMModule(L.LightningModule):
@@ -69,6 +81,7 @@ class EDMModule(L.LightningModule):
         ema: EMAConfig | None = None,
         entropic: EntropicConfig | None = None,
         train: TrainConfig | None = None,
+        perf: PerfConfig | None = None,
         checkpoint_dir: str | Path | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
@@ -83,14 +96,20 @@ class EDMModule(L.LightningModule):
             sigma_range: (sigma_min, sigma_max), the noise range of the tracker bins and of sampling.
             optim, ema, entropic, train: the config sections of those names (`evodiff_pl.config`; defaults if None):
                 Adam and its warm-up, EDM's EMA schedule, the tracker and its schedule, the non-finite-step limit.
+            perf: channels-last weights and inputs, torch.compile of `net`, the device-side skip (module docstring).
             checkpoint_dir: where the checkpoint written before a non-finite stop goes.
             meta: stored verbatim in every checkpoint (resolved config, network and data description).
         """
         super().__init__()
         optim, ema, entropic, train = optim or OptimConfig(), ema or EMAConfig(), entropic or EntropicConfig(), train or TrainConfig()
+        perf = perf or PerfConfig()
         self.automatic_optimization = False
-        self.net = net
-        self.ema = copy.deepcopy(net).requires_grad_(False).eval()
+        self.channels_last = perf.channels_last and len(sample_shape) == 3
+        self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
+        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        if perf.compile:
+            self.net.compile()  # in place: the state_dict keys stay those of the eager module
+        self.sync_free = perf.sync_free_step
         self.loss_fn = loss
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.num_classes = int(num_classes)
@@ -114,8 +133,11 @@ class EDMModule(L.LightningModule):
         self.images_seen = 0
         self.batches_seen = 0
         self.nonfinite_streak = 0
-        self._last_step_time: float | None = None
-        self._img_per_s: float | None = None
+        self._streak = torch.zeros((), dtype=torch.int64)
+        """sync_free_step: consecutive skipped steps (on the device)."""
+        self._skipped = torch.zeros((), dtype=torch.int64)
+        """sync_free_step: skipped steps since the last logging step (on the device)."""
+        self._last_log: tuple[float, int] | None = None
 
     def train(self, mode: bool = True) -> "EDMModule":
         """Lightning toggles train/eval on the whole module; the EMA copy always stays in eval mode."""
@@ -123,8 +145,11 @@ class EDMModule(L.LightningModule):
         self.ema.eval()
         return self
 
+    def on_train_start(self) -> None:
+        self._last_log = (time.perf_counter(), self.images_seen)  # img/s of the first logging step
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.net.parameters(), **self.adam)
+        return torch.optim.Adam(self.net.parameters(), **self.adam, fused=True if self.sync_free else None)
 
     def draw_noise(self, batch_index: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(σ, noise) of the whole global batch `batch_index`, identical on every rank; rank r uses [r::world]."""
@@ -141,17 +166,19 @@ class EDMModule(L.LightningModule):
         plugin = self.trainer.precision_plugin
         return plugin.scaler if isinstance(plugin, MixedPrecision) else None
 
-    def _reduce_step(self, per_sample: Tensor) -> tuple[float, float, float]:
-        """(loss sum, non-finite per-sample losses, gradient norm) over all ranks: the same numbers on every rank."""
+    def _reduce_step(self, per_sample: Tensor) -> Tensor:
+        """(loss sum, non-finite per-sample losses, gradient norm) over all ranks, float64 on the device: the same
+        numbers on every rank."""
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
         local = torch.stack([per_sample.detach().sum().double(), (~per_sample.detach().isfinite()).sum().double()])
-        loss_sum, n_bad, grad_norm = torch.cat([self._all_reduce_sum(local), grad_norm.double().reshape(1)]).tolist()
-        return loss_sum, n_bad, grad_norm
+        return torch.cat([self._all_reduce_sum(local), grad_norm.double().reshape(1)])
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, labels = batch
         rank, world_size = world()
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         if x0.shape[0] * world_size != self.global_batch:
             raise ValueError(f"got {x0.shape[0]} samples per process x {world_size} processes, expected the global "
                              f"batch {self.global_batch}: train with the datamodule built by evodiff_pl.training")
@@ -161,10 +188,27 @@ class EDMModule(L.LightningModule):
         per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
         # The batch's loss is the mean over the global batch: DDP averages the per-rank means (equal batches).
         self.manual_backward(per_sample.mean())
-        loss_sum, n_bad, grad_norm = self._reduce_step(per_sample)
+        stats = self._reduce_step(per_sample)
+        lr = lr_at(self.images_seen, self.adam["lr"], self.lr_rampup_images)
+        if self.sync_free:
+            self._device_step(stats, lr, out)
+        else:
+            self._host_step(stats, lr, out, batch_sigmas)
+        final = self.global_step >= self.trainer.max_steps
+        if final or self.batches_seen % self.schedule_every == 0:
+            self.rebuild_schedule()
+        if final:
+            self.trainer.should_stop = True  # Lightning then also validates (runs the evaluation callback) now
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning sends this batch's metrics to the logger (its log_every_n_steps rule over all batches)."""
+        return self.batches_seen % self.trainer.log_every_n_steps == 0 or self.global_step >= self.trainer.max_steps
+
+    def _host_step(self, stats: Tensor, lr: float, out: LossOutput, batch_sigmas: Tensor) -> None:
+        """The default step: the skip decision on the host (one synchronisation)."""
+        loss_sum, n_bad, grad_norm = stats.tolist()
         scaler = self._grad_scaler()
         skip = n_bad > 0 or not math.isfinite(loss_sum) or (scaler is None and not math.isfinite(grad_norm))
-        lr = lr_at(self.images_seen, self.adam["lr"], self.lr_rampup_images)
         scale = scaler.get_scale() if scaler is not None else 1.0
         if self._optimizer_step(lr, skip) and (scaler is None or scaler.get_scale() >= scale):
             self._update_averages(out)
@@ -172,13 +216,37 @@ class EDMModule(L.LightningModule):
         self.batches_seen += 1
         if skip:
             self._skip(batch_sigmas, n_bad, loss_sum, grad_norm)
-        else:
+        elif self._logging_step():
             self._log_step(loss_sum / self.global_batch, lr, grad_norm / scale)
-        final = self.global_step >= self.trainer.max_steps
-        if final or self.batches_seen % self.schedule_every == 0:
-            self.rebuild_schedule()
-        if final:
-            self.trainer.should_stop = True  # Lightning then also validates (runs the evaluation callback) now
+
+    def _device_step(self, stats: Tensor, lr: float, out: LossOutput) -> None:
+        """perf.sync_free_step: every update masked by an on-device flag; the host reads it at logging steps only."""
+        ok = (stats[1] == 0) & stats[0].isfinite() & stats[2].isfinite()
+        opt = self.optimizers()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.optimizer.found_inf = (~ok).float()  # fused Adam leaves weights, moments and step count alone if != 0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
+        update_ema(self.ema, self.net, beta, keep=ok)
+        self.tracker.update(out.sigma, out.mse, out.weight, keep=ok)
+        self._streak = self._streak.to(ok.device).add(1).mul(~ok)
+        self._skipped = self._skipped.to(ok.device).add(~ok)
+        self.images_seen += self.global_batch
+        self.batches_seen += 1
+        if not self._logging_step():
+            return
+        loss_sum, _, grad_norm, streak, skipped = torch.cat([stats, torch.stack([self._streak, self._skipped])]).tolist()
+        self._skipped.zero_()
+        self.nonfinite_streak = int(streak)
+        if skipped:
+            rank_zero_warn(f"step {self.global_step} (batch {self.batches_seen - 1}): {int(skipped)} non-finite "
+                           f"training step(s) skipped since the last logging step ({int(streak)} in a row now); no "
+                           "optimizer, EMA or tracker update for them")
+            self._stop_if_too_many()
+        if not streak:
+            self._log_step(loss_sum / self.global_batch, lr, grad_norm)
 
     def _optimizer_step(self, lr: float, skip: bool) -> bool:
         """Adam at learning rate `lr` unless `skip`; clears the gradients either way. Returns whether it stepped."""
@@ -198,15 +266,16 @@ class EDMModule(L.LightningModule):
         self.nonfinite_streak = 0
 
     def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
+        """Log the step's numbers (at logging steps), as CPU tensors so that Lightning never reads the device."""
         now = time.perf_counter()
-        if self._last_step_time is not None:
-            rate = self.global_batch / max(now - self._last_step_time, 1e-9)
-            self._img_per_s = rate if self._img_per_s is None else 0.9 * self._img_per_s + 0.1 * rate
-        self._last_step_time = now
-        metrics = {"train/lr": lr, "train/grad_norm": grad_norm, "train/images_seen": float(self.images_seen)}
-        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
-        shown = {"train/loss": loss} if self._img_per_s is None else {"train/loss": loss, "train/img_per_s": self._img_per_s}
-        self.log_dict(shown, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        shown = {"train/loss": loss}
+        if self._last_log is not None:
+            shown["train/img_per_s"] = (self.images_seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9)
+        self._last_log = (now, self.images_seen)
+        metrics = {"train/lr": lr, "train/grad_norm": grad_norm, "train/images_seen": float(self.images_seen),
+                   "train/kimg": self.images_seen / 1000}
+        self.log_dict(cpu_scalars(metrics), on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log_dict(cpu_scalars(shown), prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def _skip(self, batch_sigmas: Tensor, n_bad: float, loss_sum: float, grad_norm: float) -> None:
         self.nonfinite_streak += 1
@@ -218,6 +287,10 @@ class EDMModule(L.LightningModule):
             f"no optimizer, EMA or tracker update ({self.nonfinite_streak} in a row). Sigmas of the batch: "
             f"[{shown}{more}]"
         )
+        self._stop_if_too_many()
+
+    def _stop_if_too_many(self) -> None:
+        """Checkpoint and raise NonFiniteTrainingError when the streak of skipped steps exceeds the limit."""
         if self.nonfinite_streak > self.max_nonfinite_steps:
             where = (f"{self.nonfinite_streak} consecutive training steps had a non-finite loss or gradient (more than "
                      f"train.max_nonfinite_steps={self.max_nonfinite_steps}), at step {self.global_step} "
@@ -271,6 +344,8 @@ class EDMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the training state that Lightning does not keep (called on every rank, written by rank 0)."""
         self.tracker.sync()
+        if self.sync_free:
+            self.nonfinite_streak = int(self._streak)
         checkpoint[CHECKPOINT_KEY] = {
             "format": FORMAT,
             "version": VERSION,
@@ -290,6 +365,7 @@ class EDMModule(L.LightningModule):
         self.images_seen = int(state["images_seen"])
         self.batches_seen = int(state["batches_seen"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
+        self._streak = torch.tensor(self.nonfinite_streak)
         self.tracker.load_state_dict(state["tracker"])
         schedule = state["schedule"]
         self.entropic_schedule = EntropicSchedule.from_dict(schedule) if schedule is not None else None

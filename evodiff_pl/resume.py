@@ -39,10 +39,11 @@ from evodiff_pl.dist import world
 from evodiff_pl.fileio import atomic_copy
 
 IGNORED = ("run.dir", "run.resume", "run.name", "checkpoint", "logger", "evaluation", "entropic.plot_nfe",
-           "trainer.progress_bar", "trainer.val_every_steps", "data.root", "data.download")
+           "trainer.progress_bar", "trainer.val_every_steps", "data.root", "data.download", "data.pin_memory",
+           "data.prepare_per_node")
 """Config entries that do not change what a run computes: free to change on resume, not recorded."""
 RECORDED = ("data.batch_size", "data.num_workers", "optim.lr", "optim.lr_rampup_images", "ema", "train",
-            "entropic.update_every_steps", "trainer")
+            "entropic.update_every_steps", "trainer", "perf")
 """Entries that may change on resume; each change is recorded in the checkpoints (`config_history`) with the step
 from which it applies. Every other entry (model, data, loss, run.seed, optim.betas/eps, the tracker) must match."""
 ARCHIVE_PATTERN = re.compile(r"step-(\d+)\.ckpt")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -27,11 +28,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from evodiff_pl.checkpointing import CheckpointError
-from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict
+from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict, usage
 from evodiff_pl.data import DataError, DatasetNotFoundError, DiffusionDataModule, build_from_config
 from evodiff_pl.fileio import atomic_write_text, remove_stale_temps
 from evodiff_pl.evaluation import SampleQualityCallback
-from evodiff_pl.loggers import ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb
+from evodiff_pl.loggers import (PlainProgress, ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb,
+                                is_terminal, use_kimg_axis)
+from evodiff_pl.metrics import InceptionWeightsError
 from evodiff_pl.module import EDMModule, NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.precond import EDMLoss, build_precond
@@ -42,7 +45,8 @@ from evodiff_pl.resume import (
 
 T = TypeVar("T")
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DataError, NonFiniteTrainingError, RunLockedError)
+USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, DataError, NonFiniteTrainingError, RunLockedError,
+               InceptionWeightsError)
 """Errors reported as one line (no traceback) by `main`."""
 
 
@@ -103,12 +107,21 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     periodic = PeriodicCheckpoint(run_dir / "checkpoints", cfg.checkpoint.every_steps, cfg.checkpoint.keep_every_steps)
     callbacks: list[L.Callback] = [periodic, Preemption(periodic), ScheduleArtifacts(run_dir, plot_nfe=cfg.entropic.plot_nfe)]
     if cfg.trainer.progress_bar:
-        callbacks.append(StepProgressBar(refresh_rate=max(1, min(cfg.logger.log_every_steps, 10))))
+        every = cfg.logger.log_every_steps
+        callbacks.append(StepProgressBar(refresh_rate=max(1, min(every, 10))) if is_terminal() else PlainProgress(every))
     evaluation = OmegaConf.to_container(cfg.evaluation)
     if evaluation.pop("enabled", True):
         evaluation.setdefault("out_dir", str(run_dir))
         callbacks.append(construct("evaluation", SampleQualityCallback, **evaluation))
     return callbacks
+
+
+def configure_backends(perf: Any) -> None:
+    """The process-wide CUDA switches of `perf` (set only when asked for: the defaults stay torch's)."""
+    if perf.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if perf.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
 
 
 def build(cfg: DictConfig) -> TrainingRun:
@@ -117,6 +130,10 @@ def build(cfg: DictConfig) -> TrainingRun:
     ckpt_dir = run_dir / "checkpoints"
     config = to_dict(cfg)
     resume = resume_checkpoint(cfg.run.resume, ckpt_dir, config)
+    if cfg.perf.sync_free_step and cfg.trainer.precision == "16-mixed":
+        raise ConfigError("perf.sync_free_step does not work with trainer.precision=16-mixed (its GradScaler decides "
+                          "the skip on the host); use bf16-mixed or 32-true")
+    configure_backends(cfg.perf)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = build_data(cfg)
     shape, num_classes = tuple(datamodule.shape), datamodule.num_classes
@@ -137,7 +154,7 @@ def build(cfg: DictConfig) -> TrainingRun:
         sample_shape=shape, num_classes=num_classes, global_batch=cfg.data.batch_size, seed=cfg.run.seed,
         sigma_range=(cfg.model.sigma_min, cfg.model.sigma_max), optim=OmegaConf.to_object(cfg.optim),
         ema=OmegaConf.to_object(cfg.ema), entropic=OmegaConf.to_object(cfg.entropic),
-        train=OmegaConf.to_object(cfg.train), checkpoint_dir=ckpt_dir, meta=meta,
+        train=OmegaConf.to_object(cfg.train), perf=OmegaConf.to_object(cfg.perf), checkpoint_dir=ckpt_dir, meta=meta,
     )
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # ranks from SLURM; pre-emption is `Preemption`'s, not Lightning's requeue
@@ -185,6 +202,7 @@ def run(cfg: DictConfig) -> TrainingRun:
             atomic_write_text(training.run_dir / "config.yaml", text)
             if training.ckpt_path is not None:
                 print(f"resuming from {training.ckpt_path}", flush=True)
+        use_kimg_axis(training.trainer.loggers)
         for logger in training.trainer.loggers:
             logger.log_hyperparams(training.config)
         _fit(training)
@@ -225,14 +243,20 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python train.py [--config FILE] [key=value ...]`; known errors print one line and return 1, a pre-empted
-    run (SIGUSR1, SIGTERM) returns 128 + the signal number after its checkpoint."""
-    parser = argparse.ArgumentParser(description="Train an EDM diffusion model with a learned entropic-time schedule.")
+    """`python train.py [--config FILE] [--print-config] [key=value ...]`; known errors print one line and return 1, a
+    pre-empted run (SIGUSR1, SIGTERM) returns 128 + the signal number after its checkpoint."""
+    parser = argparse.ArgumentParser(description="Train an EDM diffusion model with a learned entropic-time schedule.",
+                                     epilog=usage(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.devices=8 data.batch_size=64")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
-        run(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            return 0
+        run(cfg)
     except Preempted as stop:
         print(f"{stop}", file=sys.stderr, flush=True)
         return stop.exit_code

@@ -197,7 +197,7 @@ def test_inception_weights_errors_are_clear_and_immediate(tmp_path):
         InceptionFeatures(tmp_path / "missing.pth")
     bad = tmp_path / "bad.pth"
     bad.write_text("not a state dict")
-    with pytest.raises(RuntimeError, match="pass weights_path="):
+    with pytest.raises(RuntimeError, match="pass its path"):
         InceptionFeatures(bad)
     with pytest.raises(FileNotFoundError, match="weights_path"):
         FrechetScore("inception", num_samples=10, weights_path=tmp_path / "missing.pth")

@@ -20,8 +20,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-300)).item()
 
 
-def _compare(tmp_path, precision: str, tol_tracker: float, tol_weights: float) -> None:
-    overrides = ("data.batch_size=128", "train.total_images=1024", f"trainer.precision={precision}")
+def _compare(tmp_path, precision: str, tol_tracker: float, tol_weights: float, *more: str) -> None:
+    overrides = ("data.batch_size=128", "train.total_images=1024", f"trainer.precision={precision}", *more)
     ckpts = []
     for name, extra in (("one", ()), ("two", DDP)):
         proc = train_subprocess(GMM, tiny_gmm(tmp_path / name, *overrides, *extra))
@@ -50,3 +50,9 @@ def test_two_processes_match_one_in_float64(tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one_in_float32(tmp_path):
     _compare(tmp_path, "32-true", tol_tracker=1e-5, tol_weights=1e-5)
+
+
+@pytest.mark.slow
+def test_sync_free_skip_two_processes_match_one_in_float64(tmp_path):
+    """perf.sync_free_step with a NaN batch: every rank skips it on the device, as the single process does."""
+    _compare(tmp_path, "64-true", 1e-10, 1e-10, "perf.sync_free_step=true", "train.nan_loss_steps=[2]")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import re
 import socket
 
 import pytest
@@ -71,20 +73,62 @@ def test_wandb_offline_writes_under_run_dir_and_resume_keeps_the_run(no_wandb_lo
     assert all(list(r.glob("*.wandb")) for r in runs)
 
 
+def wandb_records(run_dir):
+    """The protobuf records of the offline W&B run files under run_dir (LevelDB log format: 32 KiB blocks of
+    records with a 7-byte header, after a 7-byte file header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    records = []
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/*.wandb")):
+        data, pos, parts = path.read_bytes(), 7, b""
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+            parts += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a full record, or the last piece of one
+                record = pb.Record()
+                record.ParseFromString(parts)
+                records.append(record)
+                parts = b""
+    return records
+
+
+def test_wandb_plots_everything_against_kimg_with_tags_group_and_tables(no_wandb_login, tmp_path):
+    train_in_process(GMM, tiny_gmm(tmp_path, "logger.kind=wandb", "logger.mode=offline", "logger.log_every_steps=4",
+                                   "logger.tags=[tiny,cpu]", "logger.group=tests", "train.total_images=768"))
+    records = wandb_records(tmp_path)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert list(run.tags) == ["tiny", "cpu"] and run.run_group == "tests"
+    metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "*" and m.step_metric == "train/kimg" for m in metrics)
+    rows = [{item.nested_key[0] if item.nested_key else item.key: item.value_json for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+    losses = [row for row in rows if "train/loss" in row]
+    assert [float(row["train/kimg"]) for row in losses] == [0.256, 0.512, 0.768]
+    tables = [row for row in rows if "entropic/loss_per_sigma_table" in row]
+    assert tables and all("entropic/schedule_table" in row and "train/kimg" in row for row in tables)
+
+
 def test_wandb_disabled_writes_nothing(no_wandb_login, tmp_path):
     train_in_process(GMM, tiny_gmm(tmp_path, "logger.kind=wandb", "logger.mode=disabled"))
     assert not (tmp_path / "wandb").exists() and not (tmp_path / RUN_ID_FILE).exists()
 
 
-def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path):
-    """The default config, shrunk: the evaluation callback scores evodiff and dpmpp_2m at NFE 10."""
+def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path, caplog):
+    """The default config, shrunk: the evaluation callback scores evodiff and dpmpp_2m at NFE 10 and reports its
+    progress."""
     overrides = [
         f"run.dir={tmp_path}", "model.net.model_channels=16", "model.net.channel_mult=[1,1]",
         "data.batch_size=64", "train.total_images=384", "logger.kind=csv", "trainer.progress_bar=false",
         "entropic.update_every_steps=3", "evaluation.num_samples=64", "evaluation.grid_size=16",
-        f"evaluation.stats_dir={tmp_path / 'stats'}",
+        f"evaluation.stats_dir={tmp_path / 'stats'}", "evaluation.batch_size=32", "evaluation.progress_every_s=0",
     ]
-    train_in_process(DIGITS, overrides)
+    with caplog.at_level(logging.INFO):
+        train_in_process(DIGITS, overrides)
+    assert re.search(r"evodiff_rescaled_entropic_nfe10: 32/64 samples, \d+ img/s, ETA \d+ s", caplog.text)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     names = {k for row in rows for k, v in row.items() if v}
     for spec in ("evodiff_rescaled_entropic_nfe10", "dpmpp_2m_logsnr_nfe10"):
@@ -109,8 +153,10 @@ def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
     assert err.startswith(f"error: image folder {missing} does not exist")
 
 
-def test_progress_bar_counts_steps_to_the_total_from_the_resumed_step(tmp_path):
+def test_progress_bar_counts_steps_to_the_total_from_the_resumed_step(tmp_path, monkeypatch):
     from evodiff_pl.loggers import StepProgressBar
+
+    monkeypatch.setattr("evodiff_pl.training.is_terminal", lambda: True)
 
     run_dir = tmp_path / "run"
     train_in_process(GMM, tiny_gmm(run_dir, "train.total_images=192"))  # 3 steps of 64

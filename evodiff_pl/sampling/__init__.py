@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from evodiff_pl.checkpointing import CheckpointError
 from evodiff_pl.data import DatasetNotFoundError
+from evodiff_pl.metrics import InceptionWeightsError
 from evodiff_pl.dist import process_group
 from evodiff_pl.sampling.estimate import estimate, estimated_schedule_path, training_samples
 from evodiff_pl.sampling.job import SamplingJob, build, checkpoint_data, resolve_device, run, run_plan
@@ -28,7 +29,7 @@ __all__ = [
     "main", "run", "run_plan", "training_samples",
 ]
 
-USER_ERRORS = (SampleError, CheckpointError, DatasetNotFoundError)
+USER_ERRORS = (SampleError, CheckpointError, DatasetNotFoundError, InceptionWeightsError)
 """Errors reported as one line (no traceback) by `main`."""
 
 

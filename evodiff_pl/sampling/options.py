@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional
@@ -14,7 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import Tensor
 
-from evodiff_pl.config import did_you_mean, suggest
+from evodiff_pl.config import did_you_mean, field_docs, format_default, suggest
 
 SCORES = {"none": None, "fd_pixels": "pixels", "fid_inception": "inception"}
 """score= values and their feature extractors."""
@@ -84,20 +81,12 @@ class SampleConfig:
     """Show progress bars (images/s)."""
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a dataclass, by field name."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: inspect.cleandoc(b.value.value) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-
-
 def usage() -> str:
     """The CLI reference: every key with its default and meaning."""
     docs = field_docs(SampleConfig)
     lines = ["usage: python sample.py ckpt=RUN_DIR_OR_FILE [key=value ...]", ""]
     for f in fields(SampleConfig):
-        default = "null" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
-        lines.append(f"  {f.name}={default}")
+        lines.append(f"  {f.name}={format_default(f.default)}")
         lines += [f"      {line}" for line in docs[f.name].splitlines()]
     return "\n".join(lines)
 
