@@ -1,6 +1,6 @@
 """Generate and score samples from a train.py checkpoint, sweep solver settings, or estimate a schedule.
 
-    python sample.py ckpt=runs/digits                                  # 64 PNGs, evodiff/rescaled_entropic/10
+    python sample.py ckpt=runs/digits                                  # 64 PNGs, evodiff_consistent/rescaled_entropic/10
     python sample.py ckpt=runs/digits seeds=0-49999 per_folder=1000 format=both batch=512
     python sample.py ckpt=runs/digits score=fd_pixels nfe=5,10,20 solver=evodiff,dpmpp_2m \\
         schedule=karras,logsnr,rescaled_entropic                      # one table of scores

@@ -161,11 +161,12 @@ def build(cfg: DictConfig) -> TrainingRun:
         plugins.append(SLURMEnvironment(auto_requeue=False))
     logger = build_logger(cfg.logger, run_dir, cfg.run.name or run_dir.resolve().name, rank_zero_only.rank == 0)
     t = OmegaConf.to_container(cfg.trainer)
+    callbacks = build_callbacks(cfg, run_dir)
     try:
         trainer = L.Trainer(
             accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
             precision=t["precision"], max_steps=math.ceil(cfg.train.total_images / cfg.data.batch_size), max_epochs=-1,
-            logger=logger or False, callbacks=build_callbacks(cfg, run_dir), plugins=plugins,
+            logger=logger or False, callbacks=callbacks, plugins=plugins,
             default_root_dir=str(ckpt_dir), enable_checkpointing=False, use_distributed_sampler=False,
             val_check_interval=t["val_every_steps"], check_val_every_n_epoch=None, limit_val_batches=1,
             num_sanity_val_steps=0, log_every_n_steps=cfg.logger.log_every_steps, enable_progress_bar=t["progress_bar"],

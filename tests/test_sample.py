@@ -63,7 +63,7 @@ def _rows(outdir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-NAME = "evodiff_rescaled_entropic_nfe10"
+NAME = "evodiff_consistent_rescaled_entropic_nfe10"
 
 
 def test_images_depend_only_on_their_seed(digits_run, tmp_path):
@@ -85,8 +85,9 @@ def test_images_depend_only_on_their_seed(digits_run, tmp_path):
         assert png.shape == (8, 8) and np.array_equal(png, ref["images"][seed, ..., 0]) and np.array_equal(png, split)
     # the validation callback's code path with base seed 0 gives the same images
     loaded = load_denoiser(digits_run)
-    sigmas = EvalSpec("evodiff", "rescaled_entropic", 10).sigmas(0.002, 80.0, loaded.schedule)
-    x = generate(loaded.denoiser, torch.arange(16), (1, 8, 8), solver="evodiff", sigmas=sigmas, seed=0, batch_size=7)
+    sigmas = EvalSpec("evodiff_consistent", "rescaled_entropic", 10).sigmas(0.002, 80.0, loaded.schedule)
+    x = generate(loaded.denoiser, torch.arange(16), (1, 8, 8), solver="evodiff_consistent", sigmas=sigmas, seed=0,
+                 batch_size=7)
     assert np.array_equal(to_uint8(x).permute(0, 2, 3, 1).numpy(), ref["images"])
     raw = tmp_path / "raw"
     assert _sample(f"ckpt={digits_run}", "seeds=0-15", f"outdir={raw}", "format=npz", "ema=false") == 0
@@ -142,7 +143,7 @@ def test_estimate_schedule_writes_a_usable_schedule(digits_run, tmp_path):
         out = tmp_path / kind
         assert _sample(f"ckpt={ckpt}", f"schedule={kind}", f"schedule_file={path}", "seeds=0-3",
                        f"outdir={out}", "format=npz") == 0
-        assert _npz(out / f"evodiff_{kind}_nfe10.npz")["images"].shape == (4, 8, 8, 1)
+        assert _npz(out / f"evodiff_consistent_{kind}_nfe10.npz")["images"].shape == (4, 8, 8, 1)
 
 
 def test_estimate_schedule_on_a_class_conditional_checkpoint_passes_the_labels(tmp_path, monkeypatch):
@@ -269,7 +270,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
 def test_help_lists_every_key_with_its_default(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for key, default in (("ckpt", "null"), ("ema", "true"), ("solver", "evodiff"), ("nfe", "10"),
+    for key, default in (("ckpt", "null"), ("ema", "true"), ("solver", "evodiff_consistent"), ("nfe", "10"),
                          ("per_folder", "0"), ("levels", "128"), ("pairs", "1024"), ("progress", "true")):
         assert f"\n  {key}={default}\n      " in text
 

@@ -128,10 +128,10 @@ def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path, caplog):
     ]
     with caplog.at_level(logging.INFO):
         train_in_process(DIGITS, overrides)
-    assert re.search(r"evodiff_rescaled_entropic_nfe10: 32/64 samples, \d+ img/s, ETA \d+ s", caplog.text)
+    assert re.search(r"evodiff_consistent_rescaled_entropic_nfe10: 32/64 samples, \d+ img/s, ETA \d+ s", caplog.text)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     names = {k for row in rows for k, v in row.items() if v}
-    for spec in ("evodiff_rescaled_entropic_nfe10", "dpmpp_2m_logsnr_nfe10"):
+    for spec in ("evodiff_consistent_rescaled_entropic_nfe10", "dpmpp_2m_logsnr_nfe10"):
         assert f"val/fd_pixels_64/{spec}" in names
         assert list((tmp_path / "grids").glob(f"{spec}_384.png"))
     assert {"train/loss", "train/lr", "train/images_seen", "train/img_per_s", "val/loss_ema"} <= names

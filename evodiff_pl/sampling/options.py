@@ -32,8 +32,9 @@ class SampleConfig:
     (.pkl: edm-*.pkl or network-snapshot-*.pkl; read without running its code)."""
     ema: bool = True
     """Sample the EMA weights; false: the raw trained weights."""
-    solver: str = "evodiff"
-    """Solver, or a comma-separated list for a sweep: euler, heun, dpmpp_2m, dpmpp_3m, evodiff."""
+    solver: str = "evodiff_consistent"
+    """Solver, or a comma-separated list for a sweep: any of `evodiff_pl.solvers.SOLVERS` (euler, heun,
+    dpmpp_2m, dpmpp_3m, evodiff, evodiff_consistent, unipc, ipndm, edm_stochastic, dpmpp_2m_sde)."""
     schedule: str = "rescaled_entropic"
     """Schedule, or a comma-separated list: karras, logsnr, entropic, rescaled_entropic (the learned ones use
     the schedule stored in the checkpoint, or schedule_file)."""
