@@ -96,19 +96,25 @@ def winners_markdown(rows: Sequence[dict], metric: str, nfes: Sequence[int], fmt
 
 def plot_panels(rows: Sequence[dict], panels: Sequence[tuple[str, str]], solvers: Sequence[str],
                 schedules: Sequence[str], path: str | Path, title: str = "",
-                lines: dict[str, Sequence[tuple[str, float, str | tuple]]] | None = None) -> Path:
-    """One row of panels per (metric, label), one panel per solver; colour and marker = schedule; log-log axes,
-    the y axis shared along a row, one legend below the figure.
+                lines: dict[str, Sequence[tuple[str, float, str | tuple]]] | None = None, ncols: int = 6) -> Path:
+    """One panel per solver, at most `ncols` to a row, a block of rows per (metric, label); colour and marker =
+    schedule; log-log axes, one y range per metric's block, one legend below the figure.
 
     `lines[metric]` adds horizontal reference lines (label, value, matplotlib style) to that metric's panels.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(len(panels), len(solvers), figsize=(3.1 * len(solvers), 2.9 * len(panels)),
-                             squeeze=False, sharey="row")
+    per_metric = math.ceil(len(solvers) / ncols)
+    ncols = math.ceil(len(solvers) / per_metric)
+    fig, axes = plt.subplots(len(panels) * per_metric, ncols, figsize=(3.1 * ncols, 2.9 * len(panels) * per_metric),
+                             squeeze=False)
     handles: dict[str, object] = {}
-    for row_axes, (metric, label) in zip(axes, panels):
-        for ax, s in zip(row_axes, solvers):
+    for m, (metric, label) in enumerate(panels):
+        block = axes[m * per_metric:(m + 1) * per_metric].flat
+        block_axes = [ax for ax, _ in zip(block, solvers)]
+        for ax in list(axes[m * per_metric:(m + 1) * per_metric].flat)[len(solvers):]:
+            ax.set_visible(False)
+        for ax, s in zip(block_axes, solvers):
             nfes = set()
             for i, c in enumerate(schedules):
                 rs = sorted((r for r in rows if r["solver"] == s and r["schedule"] == c
@@ -129,12 +135,19 @@ def plot_panels(rows: Sequence[dict], panels: Sequence[tuple[str, str]], solvers
             ax.set_title(s, fontsize=9)
             ax.set_xlabel("NFE", fontsize=8)
             ax.grid(True, which="both", alpha=0.3)
-        row_axes[0].set_ylabel(label, fontsize=8)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
-               frameon=False)
+        ys = [y for ax in block_axes for line in ax.get_lines() for y in line.get_ydata() if y > 0 and math.isfinite(y)]
+        for ax in block_axes:
+            if ys:
+                ax.set_ylim(min(ys) / 1.3, max(ys) * 1.3)
+        for ax in block_axes[::ncols]:
+            ax.set_ylabel(label, fontsize=8)
+    legend_cols = max(2, min(len(handles), ncols))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=legend_cols, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(handles) > 6), 1, 0.97 if title else 1))
+    height = fig.get_size_inches()[1]
+    legend_height = 0.2 + 0.22 * math.ceil(len(handles) / legend_cols)  # inches
+    fig.tight_layout(rect=(0, legend_height / height, 1, 1 - 0.35 / height if title else 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
