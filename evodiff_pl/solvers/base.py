@@ -36,7 +36,7 @@ def one_per_step(n_steps: int, **_: object) -> int:
     return n_steps
 
 
-def final_orders(lower_order_final: LowerOrderFinal, n_steps: int) -> bool:
+def lowers_last_steps(lower_order_final: LowerOrderFinal, n_steps: int) -> bool:
     """Whether the last steps drop their order: True always, False never, "auto" only when n_steps < 10.
 
     "auto" is the rule of the official DPM-Solver code (docs/solvers_extra.md §5).

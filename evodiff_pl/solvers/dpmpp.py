@@ -13,7 +13,7 @@ from evodiff_pl.solvers.base import (
     Noise,
     counts_nfe,
     denoise,
-    final_orders,
+    lowers_last_steps,
     finish,
     levels,
     needs_noise,
@@ -22,7 +22,7 @@ from evodiff_pl.solvers.base import (
 
 
 def _dpmpp_nfe(n_steps: int, lower_order_final: LowerOrderFinal = True, **_: object) -> int:
-    final_orders(lower_order_final, n_steps)
+    lowers_last_steps(lower_order_final, n_steps)
     return n_steps
 
 
@@ -35,10 +35,10 @@ def _dpmpp_multistep(
     denoise_to_zero: bool,
     callback: Callback | None,
 ) -> Tensor:
-    """DPM-Solver++ multistep of order min(max_order, i) at step i, lowered at the end per `final_orders`."""
+    """DPM-Solver++ multistep of order min(max_order, i) at step i, lowered at the end per `lowers_last_steps`."""
     s = levels(x, sigmas)
     n = len(s) - 1
-    lower = final_orders(lower_order_final, n)
+    lower = lowers_last_steps(lower_order_final, n)
     h = [math.nan] + [math.log(s[i - 1] / s[i]) for i in range(1, n + 1)]
     hist = [denoise(denoiser, x, s[0])]
     for i in range(1, n + 1):

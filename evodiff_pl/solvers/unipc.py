@@ -13,7 +13,7 @@ from evodiff_pl.solvers.base import (
     LowerOrderFinal,
     counts_nfe,
     denoise,
-    final_orders,
+    lowers_last_steps,
     finish,
     levels,
     phi,
@@ -29,7 +29,7 @@ def _check_unipc(n_steps: int, order: int, variant: str, lower_order_final: Lowe
         raise ValueError(f"unipc: variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if n_steps < order:
         raise ValueError(f"unipc order {order} needs at least {order} steps ({order + 1} sigma levels), got {n_steps}")
-    final_orders(lower_order_final, n_steps)
+    lowers_last_steps(lower_order_final, n_steps)
 
 
 def _unipc_nfe(
@@ -101,7 +101,7 @@ def unipc(
     s = levels(x, sigmas)
     n = len(s) - 1
     _check_unipc(n, order, variant, lower_order_final)
-    lower = final_orders(lower_order_final, n)
+    lower = lowers_last_steps(lower_order_final, n)
     lam = [-math.log(v) for v in s]
     hist = [denoise(denoiser, x, s[0])]
     for i in range(1, n + 1):
