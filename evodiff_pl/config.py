@@ -116,7 +116,15 @@ class EntropicConfig:
     n_bins: int = 64
     """Bins in ln σ over [sigma_min, sigma_max] of the per-noise-level loss tracker."""
     ema_decay: Optional[float] = None
-    """Per-update decay of the tracker's sums (follows the model as it trains); null: plain running sums."""
+    """Per-update decay of the tracker's sums, in (0, 1]. null: follow the model, the decay whose half-life is the
+    EMA weights' (`ema.halflife_images`); 1: plain running sums over all of training."""
+    source: str = "ema_eval"
+    """Whose loss the tracker records: ema_eval, the EMA network in eval mode (no dropout) on the un-augmented
+    batch, i.e. the network that samples (a no-grad pass on `eval_fraction` of each batch); train_loss, the
+    training loss of the raw network (free, but biased by dropout, augmentation and the missing EMA)."""
+    eval_fraction: float = 0.125
+    """source=ema_eval: the share of each global batch (its first positions, the same on any number of
+    processes) that the EMA network also denoises, with the step's σ and noise."""
     kind: str = "rescaled_entropic"
     """Schedule built from the tracked loss: rescaled_entropic or entropic."""
     update_every_steps: int = 100
@@ -213,6 +221,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.resume": ("auto", "never"),
     "entropic.kind": ("rescaled_entropic", "entropic"),
+    "entropic.source": ("ema_eval", "train_loss"),
     "logger.kind": ("wandb", "csv", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "trainer.precision": ("32-true", "bf16-mixed", "16-mixed", "64-true"),
@@ -382,6 +391,10 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
     if not cfg.model.sigma_min < cfg.model.sigma_max:
         raise ConfigError(f"model.sigma_min={cfg.model.sigma_min} must be < model.sigma_max={cfg.model.sigma_max}")
+    for key in ("entropic.ema_decay", "entropic.eval_fraction"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0 < value <= 1:
+            raise ConfigError(f"{key} must be in (0, 1], got {value}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {list(cfg.optim.betas)}")
     if cfg.train.max_nonfinite_steps < 0 or cfg.checkpoint.keep_every_steps < 0:

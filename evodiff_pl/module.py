@@ -7,6 +7,11 @@ rank r). The loss is the mean over the rank's samples and DDP averages the gradi
 the global batch. Learning-rate warm-up and the EMA half-life are counted in images seen (`images_seen`,
 every consumed batch included, so they stay aligned with the data stream and the noise seeds).
 
+The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of
+the network that samples: the EMA copy in eval mode, without grad, on the un-augmented first
+`entropic.eval_fraction` of each global batch (global positions, so any number of processes gives the same
+samples), reusing the step's σ and noise. `train_loss` records the raw network's training loss instead.
+
 Manual optimization: a step whose loss (any rank) or all-reduced gradient is not finite is skipped on
 every rank alike (no optimizer, EMA or tracker update) and reported with the step and the batch's
 sigmas; more than `max_nonfinite_steps` in a row writes a checkpoint and raises `NonFiniteTrainingError`.
@@ -52,6 +57,12 @@ def lr_at(images_seen: int, lr: float, rampup_images: int) -> float:
     """Learning rate after `images_seen` images."""
     # EDM training_loop.py: lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
     return lr * min(images_seen / max(rampup_images, 1e-8), 1.0)
+
+
+def tracker_decay(ema_decay: float | None, global_batch: int, ema_halflife_images: float) -> float:
+    """The tracker's per-step decay: `ema_decay`, or if None the decay whose half-life is that of the EMA weights, so
+    that the loss curve averages the same recent stretch of training as the sampling network does."""
+    return ema_beta(0, global_batch, ema_halflife_images, None) if ema_decay is None else float(ema_decay)
 
 
 def cpu_scalars(values: dict[str, float]) -> dict[str, Tensor]:
@@ -120,8 +131,12 @@ class EDMModule(L.LightningModule):
         self.lr_rampup_images = optim.lr_rampup_images
         self.ema_halflife_images = ema.halflife_images
         self.ema_rampup_ratio = ema.rampup_ratio
+        decay = tracker_decay(entropic.ema_decay, self.global_batch, ema.halflife_images)
         self.tracker = SigmaBinnedLoss(self.sigma_min, self.sigma_max, n_bins=entropic.n_bins,
-                                       ema_decay=entropic.ema_decay, sigma_data=net.sigma_data)
+                                       ema_decay=None if decay == 1 else decay, sigma_data=net.sigma_data)
+        self.tracker_source = entropic.source
+        self.eval_positions = max(1, round(entropic.eval_fraction * self.global_batch))
+        """source=ema_eval: global positions 0 .. eval_positions - 1 of every batch are also denoised by the EMA."""
         self.schedule_kind = entropic.kind
         self.schedule_every = entropic.update_every_steps
         self.entropic_schedule: EntropicSchedule | None = None
@@ -184,6 +199,7 @@ class EDMModule(L.LightningModule):
                              f"batch {self.global_batch}: train with the datamodule built by evodiff_pl.training")
         batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
         sigma, noise = batch_sigmas[rank::world_size], batch_noise[rank::world_size]
+        tracked = self._ema_eval_loss(x0, labels, sigma, noise) if self.tracker_source == "ema_eval" else None
         out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
         per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
         # The batch's loss is the mean over the global batch: DDP averages the per-rank means (equal batches).
@@ -191,27 +207,37 @@ class EDMModule(L.LightningModule):
         stats = self._reduce_step(per_sample)
         lr = lr_at(self.images_seen, self.adam["lr"], self.lr_rampup_images)
         if self.sync_free:
-            self._device_step(stats, lr, out)
+            self._device_step(stats, lr, out if tracked is None else tracked)
         else:
-            self._host_step(stats, lr, out, batch_sigmas)
+            self._host_step(stats, lr, out if tracked is None else tracked, batch_sigmas)
         final = self.global_step >= self.trainer.max_steps
         if final or self.batches_seen % self.schedule_every == 0:
             self.rebuild_schedule()
         if final:
             self.trainer.should_stop = True  # Lightning then also validates (runs the evaluation callback) now
 
+    @torch.no_grad()
+    def _ema_eval_loss(self, x0: Tensor, labels: Tensor, sigma: Tensor, noise: Tensor) -> LossOutput:
+        """entropic.source=ema_eval: the loss of the EMA network (eval mode, no dropout) on this rank's share of the
+        clean batch's first `eval_positions` global positions, with the step's σ and noise (docs/method.md §3)."""
+        rank, world_size = world()
+        n = max(0, -(-(self.eval_positions - rank) // world_size))  # local j holds global position j * W + r
+        if n == 0:
+            return LossOutput(sigma[:0], sigma[:0], sigma[:0], sigma[:0])
+        return self.loss_fn(self.ema, x0[:n], labels[:n] if self.num_classes else None, sigma=sigma[:n], noise=noise[:n])
+
     def _logging_step(self) -> bool:
         """Whether Lightning sends this batch's metrics to the logger (its log_every_n_steps rule over all batches)."""
         return self.batches_seen % self.trainer.log_every_n_steps == 0 or self.global_step >= self.trainer.max_steps
 
-    def _host_step(self, stats: Tensor, lr: float, out: LossOutput, batch_sigmas: Tensor) -> None:
+    def _host_step(self, stats: Tensor, lr: float, tracked: LossOutput, batch_sigmas: Tensor) -> None:
         """The default step: the skip decision on the host (one synchronisation)."""
         loss_sum, n_bad, grad_norm = stats.tolist()
         scaler = self._grad_scaler()
         skip = n_bad > 0 or not math.isfinite(loss_sum) or (scaler is None and not math.isfinite(grad_norm))
         scale = scaler.get_scale() if scaler is not None else 1.0
         if self._optimizer_step(lr, skip) and (scaler is None or scaler.get_scale() >= scale):
-            self._update_averages(out)
+            self._update_averages(tracked)
         self.images_seen += self.global_batch
         self.batches_seen += 1
         if skip:
@@ -219,7 +245,7 @@ class EDMModule(L.LightningModule):
         elif self._logging_step():
             self._log_step(loss_sum / self.global_batch, lr, grad_norm / scale)
 
-    def _device_step(self, stats: Tensor, lr: float, out: LossOutput) -> None:
+    def _device_step(self, stats: Tensor, lr: float, tracked: LossOutput) -> None:
         """perf.sync_free_step: every update masked by an on-device flag; the host reads it at logging steps only."""
         ok = (stats[1] == 0) & stats[0].isfinite() & stats[2].isfinite()
         opt = self.optimizers()
@@ -230,7 +256,7 @@ class EDMModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
         update_ema(self.ema, self.net, beta, keep=ok)
-        self.tracker.update(out.sigma, out.mse, out.weight, keep=ok)
+        self.tracker.update(tracked.sigma, tracked.mse, tracked.weight, keep=ok)
         self._streak = self._streak.to(ok.device).add(1).mul(~ok)
         self._skipped = self._skipped.to(ok.device).add(~ok)
         self.images_seen += self.global_batch
@@ -258,11 +284,12 @@ class EDMModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         return not skip
 
-    def _update_averages(self, out: LossOutput) -> None:
-        """After an applied step: the EMA weights and the per-σ loss tracker (with the step's per-sample losses)."""
+    def _update_averages(self, tracked: LossOutput) -> None:
+        """After an applied step: the EMA weights and the per-σ loss tracker (with the per-sample losses of the
+        tracker's source: the EMA pass or the training loss)."""
         beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
         update_ema(self.ema, self.net, beta)
-        self.tracker.update(out.sigma, out.mse, out.weight)
+        self.tracker.update(tracked.sigma, tracked.mse, tracked.weight)
         self.nonfinite_streak = 0
 
     def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
@@ -316,7 +343,7 @@ class EDMModule(L.LightningModule):
         try:
             self.entropic_schedule = EntropicSchedule.from_loss_stats(
                 self.tracker, kind=self.schedule_kind, dim=math.prod(self.sample_shape),
-                source={"images_seen": self.images_seen, "step": self.global_step},
+                source={"images_seen": self.images_seen, "step": self.global_step, "loss_of": self.tracker_source},
             )
         except ValueError as err:
             rank_zero_info(f"entropic schedule not rebuilt at batch {self.batches_seen}: {err}")
@@ -366,7 +393,8 @@ class EDMModule(L.LightningModule):
         self.batches_seen = int(state["batches_seen"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self._streak = torch.tensor(self.nonfinite_streak)
-        self.tracker.load_state_dict(state["tracker"])
+        # the decay follows ema.halflife_images and data.batch_size when derived; both may change on resume
+        self.tracker.load_state_dict({**state["tracker"], "ema_decay": self.tracker.ema_decay})
         schedule = state["schedule"]
         self.entropic_schedule = EntropicSchedule.from_dict(schedule) if schedule is not None else None
         self.schedule_version = int(state["schedule_version"])
