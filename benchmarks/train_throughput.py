@@ -4,9 +4,13 @@ Both run the default digits U-Net (configs/digits.yaml) on the same global-batch
 the EDM EMA update; they alternate, `--repeats` times, `--steps` steps each, and the table reports medians
 of the per-step wall times (the first `--warmup` steps of every run excluded). The Lightning side also
 does what the plain loop does not: per-step seeded noise, the all-reduced non-finite check (one host sync),
-the σ-binned tracker update and logging. The tracker update is also timed alone.
+the σ-binned tracker update and logging; there the tracker records the training loss (`entropic.source=train_loss`).
+A third run, alternating with them, is the default `entropic.source=ema_eval`: the EMA network's no-grad eval-mode
+pass on `entropic.eval_fraction` of each batch; its ratio to the train_loss module is the cost of that pass. The
+tracker update is also timed alone, and the EMA pass's share of a plain step (loss, backward, Adam) is measured
+on the CIFAR-10 network (configs/cifar10.yaml, random 32x32 images) at a small batch.
 
-    python benchmarks/train_throughput.py [--steps 30] [--repeats 5] [--batch 128]
+    python benchmarks/train_throughput.py [--steps 30] [--repeats 5] [--batch 128] [--cifar-batch 32]
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 from evodiff_pl.config import EntropicConfig, load_config  # noqa: E402
 from evodiff_pl.ema import ema_beta, update_ema  # noqa: E402
@@ -67,6 +72,32 @@ def plain_loop(net: EDMPrecond, loader, steps: int, batch: int, lr: float) -> li
     return times
 
 
+def ema_pass_share(net: EDMPrecond, shape: tuple[int, ...], batch: int, fraction: float, steps: int,
+                   warmup: int) -> tuple[float, float]:
+    """Median seconds of a plain training step (EDM loss, backward, Adam; dropout on) and of the EMA pass of
+    `entropic.source=ema_eval` that follows it (the EMA copy in eval mode, no grad, on the batch's first
+    round(fraction * batch) samples with the step's σ and noise), timed alternately on random data."""
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    loss_fn, g, n = EDMLoss(), torch.Generator().manual_seed(0), max(1, round(fraction * batch))
+    step_times, pass_times = [], []
+    for i in range(warmup + steps):
+        x0, noise = torch.randn(batch, *shape, generator=g), torch.randn(batch, *shape, generator=g)
+        sigma = loss_fn.sample_sigma(batch, device="cpu", generator=g)
+        t0 = time.perf_counter()
+        loss_fn(net, x0, sigma=sigma, noise=noise).loss.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            loss_fn(ema, x0[:n], sigma=sigma[:n], noise=noise[:n])
+        t2 = time.perf_counter()
+        if i >= warmup:
+            step_times.append(t1 - t0)
+            pass_times.append(t2 - t1)
+    return statistics.median(step_times), statistics.median(pass_times)
+
+
 def lightning_loop(module: EDMModule, dm, steps: int) -> list[float]:
     timer = StepTimer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=module.global_step + steps, logger=False,
@@ -86,6 +117,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--cifar-batch", type=int, default=32, help="batch of the CIFAR-10 EMA-pass share; 0 skips it")
+    parser.add_argument("--cifar-steps", type=int, default=6)
     args = parser.parse_args()
 
     cfg = load_config(overrides=[f"data.batch_size={args.batch}"])
@@ -94,17 +127,23 @@ def main() -> None:
     kwargs = network_kwargs(cfg.model.network, OmegaConf.to_container(cfg.model.net), dm.shape, dm.num_classes)
     net = EDMPrecond(build_network(cfg.model.network, **kwargs))
     n_params = sum(p.numel() for p in net.parameters())
-    module = EDMModule(copy.deepcopy(net), EDMLoss(), sample_shape=dm.shape, num_classes=0, global_batch=args.batch,
-                       seed=0, optim=OmegaConf.to_object(cfg.optim), ema=OmegaConf.to_object(cfg.ema),
-                       entropic=EntropicConfig(update_every_steps=10**9))
+    modules = {source: EDMModule(copy.deepcopy(net), EDMLoss(), sample_shape=dm.shape, num_classes=0,
+                                 global_batch=args.batch, seed=0, optim=OmegaConf.to_object(cfg.optim),
+                                 ema=OmegaConf.to_object(cfg.ema),
+                                 entropic=EntropicConfig(update_every_steps=10**9, source=source))
+               for source in ("train_loss", "ema_eval")}
+    module = modules["train_loss"]
+    fraction = EntropicConfig().eval_fraction
     dm.stream_from(0)
     plain_loader = dm.train_dataloader()
 
-    plain, light = [], []
+    plain, light, light_ema = [], [], []
     for _ in range(args.repeats):
         plain.append(statistics.median(plain_loop(net, plain_loader, args.steps, args.batch, cfg.optim.lr)[args.warmup:]))
         light.append(statistics.median(lightning_loop(module, dm, args.steps)[args.warmup:]))
-    t_plain, t_light = statistics.median(plain), statistics.median(light)
+        light_ema.append(statistics.median(lightning_loop(modules["ema_eval"], dm, args.steps)[args.warmup:]))
+    t_plain, t_light, t_light_ema = statistics.median(plain), statistics.median(light), statistics.median(light_ema)
+    ratios = [b / a for a, b in zip(light, light_ema)]
 
     tracker = module.tracker
     sigma = EDMLoss().sample_sigma(args.batch, device="cpu")
@@ -127,9 +166,31 @@ def main() -> None:
           f"{(t_light / t_plain - 1) * 100:+8.1f}% |")
     print(f"| {'tracker.update alone':<34} | {t_tracker * 1e3:8.3f} | {'':>8} | "
           f"{t_tracker / t_light * 100:7.2f}%* |")
+    print(f"| {'EDMModule, source=ema_eval':<34} | {t_light_ema * 1e3:8.2f} | {args.batch / t_light_ema:8.0f} | "
+          f"{(t_light_ema / t_plain - 1) * 100:+8.1f}% |")
     print("* share of the EDMModule step time (target <= 1%); Lightning overhead target <= 5%")
+    print(f"EMA pass (entropic.source=ema_eval, eval_fraction {fraction:g}): module step ema_eval / train_loss = "
+          f"{statistics.median(ratios):.3f} (median of the per-repeat ratios {' '.join(f'{r:.3f}' for r in ratios)}; "
+          "target <= 1.05)")
     print("per-repeat ms/step plain:", " ".join(f"{t * 1e3:.1f}" for t in plain))
     print("per-repeat ms/step module:", " ".join(f"{t * 1e3:.1f}" for t in light))
+    print("per-repeat ms/step module ema_eval:", " ".join(f"{t * 1e3:.1f}" for t in light_ema))
+
+    for name, batch, shape, cfg_net in (
+        ("digits U-Net", args.batch, tuple(dm.shape), cfg),
+        ("CIFAR-10 DDPM++ (configs/cifar10.yaml)", args.cifar_batch, (3, 32, 32),
+         load_config(REPO / "configs" / "cifar10.yaml") if args.cifar_batch else None),
+    ):
+        if cfg_net is None:
+            continue
+        kw = network_kwargs(cfg_net.model.network, OmegaConf.to_container(cfg_net.model.net), shape, 0)
+        big = EDMPrecond(build_network(cfg_net.model.network, **kw))
+        steps = args.steps if batch == args.batch else args.cifar_steps
+        t_step, t_pass = ema_pass_share(big, shape, batch, fraction, steps, warmup=2)
+        print(f"{name} ({sum(p.numel() for p in big.parameters()) / 1e6:.1f}M params, dropout "
+              f"{cfg_net.model.net.get('dropout', 0.0)}), batch {batch}, {steps} steps: plain step {t_step * 1e3:.1f} ms, "
+              f"EMA pass on {max(1, round(fraction * batch))} samples {t_pass * 1e3:.1f} ms = "
+              f"{t_pass / t_step * 100:.1f}% of the step")
 
 
 if __name__ == "__main__":

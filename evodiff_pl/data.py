@@ -31,7 +31,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from sklearn.datasets import load_digits
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
@@ -39,21 +38,15 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
 from evodiff_pl.downloads import download_timeout
+from evodiff_pl.image_files import (  # noqa: F401  (IMAGE_EXTENSIONS, the errors: re-exported)
+    IMAGE_EXTENSIONS, DataError, DatasetNotFoundError, ImageFiles, ImageFilesDataset,
+)
 from evodiff_pl.images import from_uint8, to_uint8
 from evodiff_pl.seeding import derive_seed
 from evodiff_pl.toy import GaussianMixture
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset is not on disk and could not be obtained; the message says how to provide it."""
-
-
-class DataError(ValueError):
-    """The dataset cannot be used as configured (too small for the batch, an unreadable file); the message says why."""
 
 
 def default_data_root() -> Path:
@@ -387,35 +380,9 @@ class CIFAR10DataModule(_ImageDataModule):
         return "cifar10-32px-train"
 
 
-class _ImageFiles(Dataset):
-    """Image files decoded on access: centre-cropped to a square, Lanczos-resized, uint8 (C, R, R)."""
-
-    def __init__(self, files: list[Path], labels: list[int], resolution: int, channels: int) -> None:
-        self.files = files
-        self.labels = labels
-        self.resolution = resolution
-        self.mode = "L" if channels == 1 else "RGB"
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        try:
-            with Image.open(self.files[i]) as img:
-                img = img.convert(self.mode)
-        except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated, corrupt or not an image
-            raise DataError(f"cannot read image {self.files[i]}: {err}") from None
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        img = img.resize((self.resolution, self.resolution), Image.Resampling.LANCZOS)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8))
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-        return x.contiguous(), self.labels[i]
-
-
 class ImageFolderDataModule(_ImageDataModule):
-    """Any folder of images, searched recursively; class labels from ImageFolder-style subfolders."""
+    """Any folder or zip of images, searched recursively (edm's `dataset_tool.py` output included, `evodiff_pl.image_files`);
+    class labels from edm's dataset.json or from ImageFolder-style subfolders."""
 
     name = "image_folder"
 
@@ -430,26 +397,28 @@ class ImageFolderDataModule(_ImageDataModule):
     ) -> None:
         """
         Args:
-            root: the folder; files with an extension in IMAGE_EXTENSIONS are used, in sorted path order.
+            root: the folder or .zip file; files with an extension in IMAGE_EXTENSIONS are used, in sorted path order.
             resolution: side of the square images (centre crop, then Lanczos resize as EDM's dataset_tool).
             channels: 1 (greyscale) or 3 (RGB).
-            labels: label = index of the sorted top-level subfolder holding the image
-                (num_classes = number of subfolders); false: all labels 0, unconditional.
+            labels: the class labels of edm's dataset.json when the root holds one (num_classes = largest + 1), else
+                the index of the sorted top-level subfolder holding the image (num_classes = number of subfolders);
+                false: all labels 0, unconditional.
             hflip: mirror augmentation.
             **kwargs: `DiffusionDataModule` options.
         """
         super().__init__(hflip=hflip, **kwargs)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.root = Path(root).expanduser().resolve()
-        exts = ", ".join(IMAGE_EXTENSIONS)
-        if not self.root.is_dir():
-            raise DatasetNotFoundError(f"image folder {self.root} does not exist (looked for {exts} images)")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not self.files:
-            raise DatasetNotFoundError(f"no images found under {self.root} (searched recursively for {exts})")
-        if labels:
-            top = [p.relative_to(self.root).parts for p in self.files]
+        self.files = ImageFiles(root)
+        self.root = self.files.root
+        if labels and self.files.has_labels_file:
+            edm_labels = self.files.edm_labels()
+            if edm_labels is None:
+                raise DataError(f"labels=true, but the dataset.json of {self.root} stores no labels (\"labels\": null)")
+            self.classes = [str(c) for c in range(max(edm_labels) + 1)]
+            self.labels = edm_labels
+        elif labels:
+            top = [name.split("/") for name in self.files.names]
             if any(len(parts) == 1 for parts in top):
                 raise ValueError(f"labels=true needs every image inside a class subfolder of {self.root}")
             self.classes = sorted({parts[0] for parts in top})
@@ -457,18 +426,18 @@ class ImageFolderDataModule(_ImageDataModule):
             self.labels = [index[parts[0]] for parts in top]
         else:
             self.classes = []
-            self.labels = [0] * len(self.files)
+            self.labels = [0] * len(self.files.names)
         self.resolution = resolution
         self.channels = channels
         self.shape = (channels, resolution, resolution)
         self.num_classes = len(self.classes)
 
     def _load(self) -> Dataset:
-        return _ImageFiles(self.files, self.labels, self.resolution, self.channels)
+        return ImageFilesDataset(self.files, self.labels, self.resolution, self.channels)
 
     def _stats_key(self) -> str:
         path_hash = hashlib.sha1(str(self.root).encode()).hexdigest()[:8]
-        return f"image_folder-{self.root.name}-{path_hash}-n{len(self.files)}-{self.resolution}px-{self.channels}ch"
+        return f"image_folder-{self.root.name}-{path_hash}-n{len(self.files.names)}-{self.resolution}px-{self.channels}ch"
 
 
 class GMMDataModule(DiffusionDataModule):

@@ -1,7 +1,11 @@
 """Datamodules: shapes, ranges, quantisation, reproducible order, offline errors; no network access."""
 
+import io
+import json
 import pickle
 import socket
+import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.error import URLError
 
@@ -13,6 +17,7 @@ from PIL import Image
 import evodiff_pl.data as data
 from evodiff_pl.data import (
     DATASETS,
+    DataError,
     DatasetNotFoundError,
     DiffusionDataModule,
     InfiniteSampler,
@@ -333,6 +338,72 @@ def test_image_folder_missing_or_empty(tmp_path):
         with pytest.raises(DatasetNotFoundError, match=".png") as err:
             build_datamodule("image_folder", root=path)
         assert str(path) in str(err.value)
+
+
+def write_edm_dataset(dest: Path, labels: list[int] | None, zipped: bool) -> Path:
+    """A tiny dataset in the layout of NVlabs edm's dataset_tool.py: grey 8x8 PNGs 00000/img0000000i.png of value
+    40 i, and dataset.json {"labels": [[name, label], ...]} or {"labels": null}; a folder or an uncompressed zip.
+    Entries and label pairs are written in reverse order (the reader sorts and looks names up)."""
+    names = [f"{i:08d}"[:5] + f"/img{i:08d}.png" for i in range(5)]
+    files = {}
+    for i, name in enumerate(names):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8), "L").save(buf, format="png", compress_level=0)
+        files[name] = buf.getvalue()
+    pairs = None if labels is None else [[n, y] for n, y in zip(names, labels)][::-1]
+    files["dataset.json"] = json.dumps({"labels": pairs}).encode()
+    if zipped:
+        dest = dest.with_suffix(".zip")
+        with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as z:
+            for name in reversed(list(files)):
+                z.writestr(name, files[name])
+    else:
+        for name, content in files.items():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(content)
+    return dest
+
+
+@pytest.mark.parametrize("zipped", [False, True], ids=["folder", "zip"])
+def test_image_folder_reads_edm_dataset_tool_output(tmp_path, zipped):
+    root = write_edm_dataset(tmp_path / "labelled", [2, 0, 1, 0, 2], zipped)
+    dm = build_datamodule("image_folder", root=root, resolution=8, channels=1, labels=True, batch_size=2)
+    assert (dm.shape, dm.num_classes, dm.labels) == ((1, 8, 8), 3, [2, 0, 1, 0, 2])
+    real = dm.real_images()
+    assert real.shape == (5, 1, 8, 8) and real.flatten(1).float().mean(1).tolist() == [0, 40, 80, 120, 160]
+    x, y = next(iter(dm.train_dataloader()))
+    value = ((x.flatten(1).mean(1) + 1) * 127.5).round().long()  # back to the PNG value 40 i, label of image i
+    assert y.tolist() == [[2, 0, 1, 0, 2][v // 40] for v in value.tolist()]
+    dataset = pickle.loads(pickle.dumps(dm.data))  # loader workers get a copy without the open archive
+    assert int(dataset[3][0].float().mean()) == 120 and dataset[3][1] == 0
+
+    plain = write_edm_dataset(tmp_path / "plain", None, zipped)
+    dm = build_datamodule("image_folder", root=plain, resolution=8, channels=1, batch_size=2)
+    assert dm.num_classes == 0 and dm.labels == [0] * 5 and len(dm.real_images()) == 5
+    with pytest.raises(DataError, match=r"dataset\.json of .*plain.* stores no labels"):
+        build_datamodule("image_folder", root=plain, resolution=8, labels=True, batch_size=2)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "is not edm's label file"),
+    (b'{"label": null}', "is not edm's label file"),
+    (b'{"labels": {"00000/img00000000.png": 1}}', "must be a list of \\[file, class\\] pairs"),
+    (b'{"labels": [["00000/img00000000.png", 1]]}', "no label for 4 of 5 images, e.g. 00000/img00000001.png"),
+    (b'{"labels": [["00000/img0000000%d.png", 0.5]]}', "class indices .*got 0.5"),
+])
+def test_a_bad_edm_label_file_is_named(tmp_path, content, message):
+    root = write_edm_dataset(tmp_path / "ds", [0] * 5, zipped=False)
+    if b"%d" in content:
+        content = json.dumps({"labels": [[f"00000/img0000000{i}.png", 0.5] for i in range(5)]}).encode()
+    (root / "dataset.json").write_bytes(content)
+    with pytest.raises(DataError, match=rf"{root}/dataset\.json.*{message}"):
+        build_datamodule("image_folder", root=root, labels=True, batch_size=2)
+
+
+def test_a_damaged_zip_is_named(tmp_path):
+    (tmp_path / "ds.zip").write_bytes(b"PK not really")
+    with pytest.raises(DataError, match=r"cannot read the zip archive .*ds\.zip"):
+        build_datamodule("image_folder", root=tmp_path / "ds.zip", batch_size=2)
 
 
 # ---------------------------------------------------------------- gmm

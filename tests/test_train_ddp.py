@@ -47,6 +47,11 @@ def test_two_processes_match_one_in_float64(tmp_path):
     _compare(tmp_path, "64-true", tol_tracker=1e-10, tol_weights=1e-10)
 
 
+def test_ema_pass_on_an_odd_share_two_processes_match_one_in_float64(tmp_path):
+    """entropic.source=ema_eval on 45 of 128 global positions: 23 on rank 0 and 22 on rank 1, the same samples."""
+    _compare(tmp_path, "64-true", 1e-10, 1e-10, "entropic.eval_fraction=0.35")
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_in_float32(tmp_path):
     _compare(tmp_path, "32-true", tol_tracker=1e-5, tol_weights=1e-5)

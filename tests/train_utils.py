@@ -21,6 +21,7 @@ def tiny_gmm(run_dir: Path, *overrides: str) -> list[str]:
         f"run.dir={run_dir}", "data.batch_size=64", "data.num_train=1024", "data.dim=8", "data.n_components=2",
         "model.net.hidden=16", "model.net.depth=1", "model.net.emb_dim=8", "train.total_images=384",
         "optim.lr_rampup_images=128", "ema.halflife_images=256", "entropic.update_every_steps=2",
+        "entropic.eval_fraction=1",  # the tracker sees every sample: enough for a schedule after a few steps
         "checkpoint.every_steps=1000", "logger.kind=none", "evaluation.enabled=false",
         "trainer.progress_bar=false", "trainer.val_every_steps=1000", *overrides,
     ]
