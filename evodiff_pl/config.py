@@ -124,7 +124,7 @@ class EntropicConfig:
     training loss of the raw network (free, but biased by dropout, augmentation and the missing EMA)."""
     eval_fraction: float = 0.125
     """source=ema_eval: the share of each global batch (its first positions, the same on any number of
-    processes) that the EMA network also denoises, with the step's σ and noise."""
+    processes) that the EMA network also denoises, with the step's noise at σ spread evenly in ln σ."""
     kind: str = "rescaled_entropic"
     """Schedule built from the tracked loss: rescaled_entropic or entropic."""
     update_every_steps: int = 100

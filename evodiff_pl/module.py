@@ -10,7 +10,7 @@ every consumed batch included, so they stay aligned with the data stream and the
 The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of
 the network that samples: the EMA copy in eval mode, without grad, on the un-augmented first
 `entropic.eval_fraction` of each global batch (global positions, so any number of processes gives the same
-samples), reusing the step's σ and noise. `train_loss` records the raw network's training loss instead.
+samples), reusing the step's noise at noise levels spread evenly in ln σ (`tracker_sigmas`). `train_loss` records the raw network's training loss instead.
 
 Manual optimization: a step whose loss (any rank) or all-reduced gradient is not finite is skipped on
 every rank alike (no optimizer, EMA or tracker update) and reported with the step and the batch's
@@ -199,7 +199,7 @@ class EDMModule(L.LightningModule):
                              f"batch {self.global_batch}: train with the datamodule built by evodiff_pl.training")
         batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
         sigma, noise = batch_sigmas[rank::world_size], batch_noise[rank::world_size]
-        tracked = self._ema_eval_loss(x0, labels, sigma, noise) if self.tracker_source == "ema_eval" else None
+        tracked = self._ema_eval_loss(x0, labels, noise) if self.tracker_source == "ema_eval" else None
         out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
         per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
         # The batch's loss is the mean over the global batch: DDP averages the per-rank means (equal batches).
@@ -216,15 +216,25 @@ class EDMModule(L.LightningModule):
         if final:
             self.trainer.should_stop = True  # Lightning then also validates (runs the evaluation callback) now
 
+    def tracker_sigmas(self, batch_index: int) -> Tensor:
+        """σ of the EMA pass at global positions 0 .. eval_positions - 1 of batch `batch_index` (float64): one per
+        equal stratum of ln σ over [sigma_min, sigma_max], all shifted by frac(batch_index·φ), φ = (√5 − 1)/2."""
+        # u_p = (p + frac(b φ)) / P, ln σ_p = ln σ_min + u_p (ln σ_max − ln σ_min)  (docs/method.md §3.3)
+        shift = math.fmod(batch_index * (math.sqrt(5.0) - 1.0) / 2.0, 1.0)
+        u = (torch.arange(self.eval_positions, dtype=torch.float64, device=self.device) + shift) / self.eval_positions
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return (lo + u * (hi - lo)).exp()
+
     @torch.no_grad()
-    def _ema_eval_loss(self, x0: Tensor, labels: Tensor, sigma: Tensor, noise: Tensor) -> LossOutput:
+    def _ema_eval_loss(self, x0: Tensor, labels: Tensor, noise: Tensor) -> LossOutput:
         """entropic.source=ema_eval: the loss of the EMA network (eval mode, no dropout) on this rank's share of the
-        clean batch's first `eval_positions` global positions, with the step's σ and noise (docs/method.md §3)."""
+        clean batch's first `eval_positions` global positions, with the step's noise at `tracker_sigmas`."""
         rank, world_size = world()
-        n = max(0, -(-(self.eval_positions - rank) // world_size))  # local j holds global position j * W + r
+        sigma = self.tracker_sigmas(self.batches_seen)[rank::world_size].to(noise.dtype)  # local j = position jW + r
+        n = sigma.shape[0]
         if n == 0:
-            return LossOutput(sigma[:0], sigma[:0], sigma[:0], sigma[:0])
-        return self.loss_fn(self.ema, x0[:n], labels[:n] if self.num_classes else None, sigma=sigma[:n], noise=noise[:n])
+            return LossOutput(sigma, sigma, sigma, sigma)
+        return self.loss_fn(self.ema, x0[:n], labels[:n] if self.num_classes else None, sigma=sigma, noise=noise[:n])
 
     def _logging_step(self) -> bool:
         """Whether Lightning sends this batch's metrics to the logger (its log_every_n_steps rule over all batches)."""

@@ -37,18 +37,33 @@ def _module(global_batch: int, dim: int = 8, **entropic) -> EDMModule:
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
 def test_ema_pass_takes_the_same_global_positions_on_any_number_of_processes(monkeypatch, world_size):
-    """eval_fraction 5/24 of a 24-sample batch: global positions 0-4, whichever rank holds them (8 ranks: some none)."""
-    module = _module(24, eval_fraction=5 / 24)
+    """eval_fraction 5/24 of a 24-sample batch: global positions 0-4, whichever rank holds them (8 ranks: some none),
+    each with the same σ and loss as in one process."""
+    module = _module(24, eval_fraction=5 / 24).double()
+    module.batches_seen = 7
     x0, noise = torch.randn(24, 8, dtype=torch.float64), torch.randn(24, 8, dtype=torch.float64)
-    sigma = torch.linspace(0.01, 10.0, 24, dtype=torch.float64)
-    module.ema.double()
-    seen = []
+    outs = []
     for rank in range(world_size):
         monkeypatch.setattr(module_mod, "world", lambda r=rank: (r, world_size))
         mine = slice(rank, None, world_size)
-        out = module._ema_eval_loss(x0[mine], torch.zeros(24 // world_size), sigma[mine], noise[mine])
-        seen.append(out.sigma)
-    assert torch.equal(torch.cat(seen).sort().values, sigma[:5])
+        outs.append(module._ema_eval_loss(x0[mine], torch.zeros(24 // world_size), noise[mine]))
+    monkeypatch.setattr(module_mod, "world", lambda: (0, 1))
+    one = module._ema_eval_loss(x0, torch.zeros(24), noise)
+    for field in ("sigma", "mse", "weight"):
+        got = torch.cat([getattr(o, field) for o in outs])
+        order = torch.cat([torch.arange(5)[r::world_size] for r in range(world_size)]).argsort()
+        assert torch.allclose(got[order], getattr(one, field), rtol=1e-12, atol=0), field
+    assert one.sigma.shape == (5,)
+
+
+def test_ema_pass_sigmas_fill_the_log_sigma_strata():
+    """P = 10 positions: one σ in each tenth of [ln 0.002, ln 80], shifted by frac(b φ) per batch b."""
+    module = _module(40, eval_fraction=0.25)
+    lo, hi = math.log(0.002), math.log(80.0)
+    for b in (0, 1, 2, 1000):
+        u = (module.tracker_sigmas(b).log() - lo) / (hi - lo) * 10
+        shift = (b * (math.sqrt(5) - 1) / 2) % 1
+        assert torch.allclose(u, torch.arange(10, dtype=torch.float64) + shift, atol=1e-9), b
 
 
 def test_ema_pass_of_the_exact_denoiser_gives_the_exact_schedule():
@@ -60,8 +75,9 @@ def test_ema_pass_of_the_exact_denoiser_gives_the_exact_schedule():
     g = torch.Generator().manual_seed(5)
     for step in range(32):
         x0 = mixture.sample(4096, generator=g).double()
-        sigma, noise = module.draw_noise(step, torch.float64)
-        out = module._ema_eval_loss(x0, torch.zeros(4096), sigma.double(), noise)
+        module.batches_seen = step
+        _, noise = module.draw_noise(step, torch.float64)
+        out = module._ema_eval_loss(x0, torch.zeros(4096), noise)
         assert out.sigma.shape == (2048,)
         module.tracker.update(out.sigma, out.mse, out.weight)
     module.tracker.sync()
