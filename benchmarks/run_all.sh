@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 if (( QUICK )); then
   SOLVERS_ARGS=(--samples 256 --ode-steps 100 --repeats 2 --timing-steps 4)
   SCHEDULES_ARGS=(--samples 256 --fresh 4096 --nfe 5 10 --ode-steps 200 --mmse-levels 33 --mmse-mc 256 --out "$OUT")
-  THROUGHPUT_ARGS=(--steps 3 --warmup 1 --repeats 1 --batch 32)
+  THROUGHPUT_ARGS=(--steps 3 --warmup 1 --repeats 1 --batch 32 --cifar-batch 4 --cifar-steps 1)
   VALIDATION_ARGS=(--num-samples 64 128 --batch-size 64 --grid-size 16)
 else
   SCHEDULES_ARGS=(--out docs)

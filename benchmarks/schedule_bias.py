@@ -12,7 +12,8 @@ other noise and images (its distance to the first is the reference's own noise).
     PYTHONPATH=. python benchmarks/schedule_bias.py --out benchmarks/runs/schedule_bias [--dropout 0.1]
         [--images 128000] [--levels 64] [--pairs 1797] [--nfe 5 10 20] [--set KEY=VALUE ...]
 
-A run directory that already holds checkpoints/last.ckpt is not trained again.
+A run directory whose checkpoints/last.ckpt has seen --images images is not trained again; the two runs may
+also be trained beforehand, e.g. side by side, with the train.py command the script prints.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ SOURCES = ("train_loss", "ema_eval")
 
 
 def train(run: Path, source: str, args: argparse.Namespace) -> None:
-    """`train.py --config configs/digits.yaml` with dropout and the tracker source, unless the run has finished."""
-    if (run / "checkpoints" / "last.ckpt").is_file():
+    """`train.py --config configs/digits.yaml` with dropout and the tracker source, unless the run has finished
+    (a run stopped half-way is resumed)."""
+    ckpt = run / "checkpoints" / "last.ckpt"
+    if ckpt.is_file() and read_checkpoint(ckpt)[CHECKPOINT_KEY]["images_seen"] >= args.images:
         print(f"{run}: trained already", flush=True)
         return
     overrides = [f"run.dir={run}", f"model.net.dropout={args.dropout}", f"train.total_images={args.images}",
