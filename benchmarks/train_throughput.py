@@ -188,7 +188,8 @@ def main() -> None:
         steps = args.steps if batch == args.batch else args.cifar_steps
         t_step, t_pass = ema_pass_share(big, shape, batch, fraction, steps, warmup=2)
         print(f"{name} ({sum(p.numel() for p in big.parameters()) / 1e6:.1f}M params, dropout "
-              f"{cfg_net.model.net.get('dropout', 0.0)}), batch {batch}, {steps} steps: plain step {t_step * 1e3:.1f} ms, "
+              f"{cfg_net.model.net.get('dropout', 0.0)}), batch {batch}, {steps} steps: "
+              f"plain step {t_step * 1e3:.1f} ms, "
               f"EMA pass on {max(1, round(fraction * batch))} samples {t_pass * 1e3:.1f} ms = "
               f"{t_pass / t_step * 100:.1f}% of the step")
 

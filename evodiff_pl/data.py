@@ -381,8 +381,8 @@ class CIFAR10DataModule(_ImageDataModule):
 
 
 class ImageFolderDataModule(_ImageDataModule):
-    """Any folder or zip of images, searched recursively (edm's `dataset_tool.py` output included, `evodiff_pl.image_files`);
-    class labels from edm's dataset.json or from ImageFolder-style subfolders."""
+    """Any folder or zip of images, searched recursively (edm's `dataset_tool.py` output included, see
+    `evodiff_pl.image_files`); class labels from edm's dataset.json or from ImageFolder-style subfolders."""
 
     name = "image_folder"
 
@@ -437,7 +437,8 @@ class ImageFolderDataModule(_ImageDataModule):
 
     def _stats_key(self) -> str:
         path_hash = hashlib.sha1(str(self.root).encode()).hexdigest()[:8]
-        return f"image_folder-{self.root.name}-{path_hash}-n{len(self.files.names)}-{self.resolution}px-{self.channels}ch"
+        n = len(self.files.names)
+        return f"image_folder-{self.root.name}-{path_hash}-n{n}-{self.resolution}px-{self.channels}ch"
 
 
 class GMMDataModule(DiffusionDataModule):

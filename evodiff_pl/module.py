@@ -10,7 +10,8 @@ every consumed batch included, so they stay aligned with the data stream and the
 The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of
 the network that samples: the EMA copy in eval mode, without grad, on the un-augmented first
 `entropic.eval_fraction` of each global batch (global positions, so any number of processes gives the same
-samples), reusing the step's noise at noise levels spread evenly in ln σ (`tracker_sigmas`). `train_loss` records the raw network's training loss instead.
+samples), reusing the step's noise at noise levels spread evenly in ln σ (`tracker_sigmas`). `train_loss`
+records the raw network's training loss instead.
 
 Manual optimization: a step whose loss (any rank) or all-reduced gradient is not finite is skipped on
 every rank alike (no optimizer, EMA or tracker update) and reported with the step and the batch's
@@ -217,8 +218,8 @@ class EDMModule(L.LightningModule):
             self.trainer.should_stop = True  # Lightning then also validates (runs the evaluation callback) now
 
     def tracker_sigmas(self, batch_index: int) -> Tensor:
-        """σ of the EMA pass at global positions 0 .. eval_positions - 1 of batch `batch_index` (float64): one per
-        equal stratum of ln σ over [sigma_min, sigma_max], all shifted by frac(batch_index·φ), φ = (√5 − 1)/2."""
+        """σ of the EMA pass at global positions 0 .. eval_positions - 1 of batch `batch_index` (float64): one
+        per equal stratum of ln σ over [sigma_min, sigma_max], all shifted by frac(batch_index·φ), φ = (√5 − 1)/2."""
         # u_p = (p + frac(b φ)) / P, ln σ_p = ln σ_min + u_p (ln σ_max − ln σ_min)  (docs/method.md §3.3)
         shift = math.fmod(batch_index * (math.sqrt(5.0) - 1.0) / 2.0, 1.0)
         u = (torch.arange(self.eval_positions, dtype=torch.float64, device=self.device) + shift) / self.eval_positions
