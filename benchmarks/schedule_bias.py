@@ -108,8 +108,9 @@ def main() -> None:
     reference = {source: pass_schedules(ckpts[source], args, seed=0) for source in (SOURCES if differ else SOURCES[:1])}
     second = pass_schedules(ckpts[SOURCES[0]], args, seed=1)
     header = " | ".join(f"NFE {n}" for n in args.nfe)
-    print(f"\ndigits, dropout {args.dropout}, {args.images} images; dedicated pass {args.levels} levels x {args.pairs} "
-          "pairs on the final EMA network; max |Δ ln σ| over interior levels vs the pass (seed 0)\n")
+    print(f"\ndigits, dropout {args.dropout}, {args.images} images {' '.join(args.set)}; dedicated pass {args.levels} "
+          f"levels x {args.pairs} pairs on the final EMA network; max |Δ ln σ| over interior levels vs the pass "
+          "(seed 0)\n")
     print(f"| tracker source | kind | {header} |")
     print("|---|---|" + "---|" * len(args.nfe))
     for kind in KINDS:
