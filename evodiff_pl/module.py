@@ -112,6 +112,7 @@ class EDMModule(L.LightningModule):
         self.sync_free = perf.sync_free_step
         self.loss_fn = loss
         self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.elements_per_sample = math.prod(self.sample_shape)
         self.num_classes = int(num_classes)
         self.global_batch = int(global_batch)
         self.seed = int(seed)
@@ -186,8 +187,9 @@ class EDMModule(L.LightningModule):
         sigma, noise = batch_sigmas[rank::world_size], batch_noise[rank::world_size]
         out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
         per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
-        # The batch's loss is the mean over the global batch: DDP averages the per-rank means (equal batches).
-        self.manual_backward(per_sample.mean())
+        # EDM's loss scale (training_loop.py: loss.sum() / batch): the gradient is that of the sum over a sample's
+        # elements, averaged over the global batch (DDP averages the per-rank means of equal batches).
+        self.manual_backward(per_sample.mean() * self.elements_per_sample)
         stats = self._reduce_step(per_sample)
         lr = lr_at(self.images_seen, self.adam["lr"], self.lr_rampup_images)
         if self.sync_free:
@@ -268,7 +270,7 @@ class EDMModule(L.LightningModule):
     def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
         """Log the step's numbers (at logging steps), as CPU tensors so that Lightning never reads the device."""
         now = time.perf_counter()
-        shown = {"train/loss": loss}
+        shown = {"train/loss_per_elem": loss}
         if self._last_log is not None:
             shown["train/img_per_s"] = (self.images_seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9)
         self._last_log = (now, self.images_seen)
@@ -331,7 +333,7 @@ class EDMModule(L.LightningModule):
         sigma = self.loss_fn.sample_sigma(x0.shape[0], device=self.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
         out = self.loss_fn(self.ema, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
-        self.log("val/loss_ema", out.loss.mean(), on_step=False, on_epoch=True, sync_dist=True)
+        self.log("val/loss_ema_per_elem", out.loss.mean(), on_step=False, on_epoch=True, sync_dist=True)
 
     def _gather_rng_states(self) -> list[dict[str, Any]]:
         state = rng_state()
