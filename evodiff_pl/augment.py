@@ -55,6 +55,7 @@ def draw_params(n: int, p: float, generator: torch.Generator | None = None) -> T
     normal = torch.randn((n, 4), **kw)
     angle = (torch.rand((n, 2), **kw) * 2 - 1) * math.pi
     on = gate < torch.tensor([XFLIP_MULTIPLIER * p, p, p, p, p, ANISO_ROTATE_PROB, p], device=gate.device)
+    on[:, 5] &= on[:, 4]  # an axis only for an anisotropic scaling (edm draws it anyway; without one it is moot)
     values = torch.cat([bits, normal[:, :1], angle[:, :1], normal[:, 1:2], angle[:, 1:], normal[:, 2:]], dim=1)
     return values * on[:, [0, 1, 2, 3, 4, 5, 6, 6]]
 
