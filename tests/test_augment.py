@@ -113,6 +113,8 @@ def test_training_step_matches_edm(tmp_path: Path) -> None:
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=DataLoader(batch, batch_size=4))
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(float(ref["lr"]), rel=1e-12)
+    # the logged loss is the per-element mean (EDM's logged Loss/loss), not the summed loss that is differentiated
+    assert float(trainer.callback_metrics["train/loss_per_elem"]) == pytest.approx(float(ref["loss_per_elem"]), rel=1e-5)
     state = trainer.optimizers[0].state
     params = dict(module.net.named_parameters())
     names = [str(n) for n in ref["param_names"]]
@@ -157,3 +159,20 @@ def test_augment_sets_the_network_input_width() -> None:
         network_kwargs("songunet", {"augment_dim": 4}, (1, 8, 8), 0, augment_dim=AUGMENT_DIM)
     cfg = load_config(DIGITS, ["data.augment=0.12"])
     assert cfg.data.augment == 0.12
+
+
+@pytest.mark.parametrize("name, classes", [("cifar10", False), ("cifar10_cond", True)])
+def test_cifar10_configs_are_edm_config_f(name: str, classes: bool) -> None:
+    """NVlabs edm's train.py defaults for --arch=ddpmpp --precond=edm (--cond=0 / 1)."""
+    cfg = load_config(DIGITS.parent / f"{name}.yaml")
+    assert cfg.model.network == "songunet" and cfg.model.precond == "edm" and cfg.model.sigma_data == 0.5
+    net = dict(cfg.model.net)
+    assert net == {"model_channels": 128, "channel_mult": [2, 2, 2], "channel_mult_emb": 4, "num_blocks": 4,
+                   "attn_resolutions": [16], "dropout": 0.13, "embedding_type": "positional",
+                   "channel_mult_noise": 1}
+    assert (cfg.loss.P_mean, cfg.loss.P_std) == (-1.2, 1.2)
+    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.eps, cfg.optim.lr_rampup_images) == (
+        1e-3, [0.9, 0.999], 1e-8, 10_000_000)
+    assert (cfg.ema.halflife_images, cfg.ema.rampup_ratio, cfg.train.total_images) == (500_000, 0.05, 200_000_000)
+    assert (cfg.data.batch_size, cfg.data.augment, cfg.data.get("hflip", False)) == (512, 0.12, False)
+    assert cfg.data.get("conditional", False) == classes and cfg.trainer.precision == "32-true"
