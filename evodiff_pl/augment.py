@@ -1,8 +1,8 @@
-"""EDM's non-leaky geometric augmentation (Karras et al. 2022, Appendix F.2; docs/method.md §1.4), on the device.
+"""EDM's non-leaky geometric augmentation (Karras et al. 2022, Appendix F.2; docs/method.md §1.5), on the device.
 
 With `data.augment = p > 0`, each training image is independently x-flipped (probability ½, as EDM's CIFAR-10
-recipe, whatever p), y-flipped, isotropically scaled, rotated, anisotropically scaled and translated (each with
-probability p). The transform's parameters form a 9-d vector per image that the network receives as an extra
+recipe, whatever p), y-flipped (p/2: a fair coin with probability p), isotropically scaled, rotated,
+anisotropically scaled and translated (each with probability p). The transform's parameters form a 9-d vector per image that the network receives as an extra
 conditioning input (`augment_labels`); at sampling it is zero (None), i.e. "no augmentation", so the samples
 follow the un-augmented data. Integer translation and the colour transforms of the original pipeline are not
 part of EDM's recipe and not implemented.
