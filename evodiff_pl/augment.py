@@ -1,11 +1,11 @@
 """EDM's non-leaky geometric augmentation (Karras et al. 2022, Appendix F.2; docs/method.md §1.5), on the device.
 
 With `data.augment = p > 0`, each training image is independently x-flipped (probability ½, as EDM's CIFAR-10
-recipe, whatever p), y-flipped (p/2: a fair coin with probability p), isotropically scaled, rotated,
-anisotropically scaled and translated (each with probability p). The transform's parameters form a 9-d vector per image that the network receives as an extra
-conditioning input (`augment_labels`); at sampling it is zero (None), i.e. "no augmentation", so the samples
-follow the un-augmented data. Integer translation and the colour transforms of the original pipeline are not
-part of EDM's recipe and not implemented.
+recipe, whatever p), y-flipped (p/2: a fair coin with probability p), isotropically scaled, rotated, anisotropically
+scaled and translated (each with probability p). The transform's parameters form a 9-d vector per image that the
+network receives as an extra conditioning input (`augment_labels`); at sampling it is zero (None), i.e. "no
+augmentation", so the samples follow the un-augmented data. Integer translation and the colour transforms of the
+original pipeline are not part of EDM's recipe and not implemented.
 
 `draw_params(n, p, generator)` draws the raw parameters of n images, `augment(images, params)` applies them
 (a pure function of its inputs). The training module draws the parameters of the whole global batch from a CPU
@@ -133,6 +133,13 @@ def _downsample2x(x: Tensor, taps: Tensor, crop: int) -> Tensor:
     return F.conv2d(x, k.transpose(2, 3), groups=c, stride=(2, 1), padding=(pad, 0))[:, :, crop:-crop]
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor on `device`; to a GPU through pinned memory without waiting for the device's queue."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def augment(images: Tensor, params: Tensor, pad_params: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Images (N, C, H, W) transformed by raw parameters (N, 8) (`draw_params`), and their labels (N, 9).
 
@@ -146,7 +153,7 @@ def augment(images: Tensor, params: Tensor, pad_params: Tensor | None = None) ->
         raise ValueError(f"params must have shape ({images.shape[0]}, {len(PARAMS)}), got {tuple(params.shape)}")
     n, c, h, w = images.shape
     with torch.autocast(images.device.type, enabled=False):
-        flips = params[:, :2].to(images.device).reshape(n, 2, 1, 1, 1) == 1
+        flips = _to_device(params[:, :2], images.device).reshape(n, 2, 1, 1, 1) == 1
         x = torch.where(flips[:, 0], images.flip(3), images)
         x = torch.where(flips[:, 1], x.flip(2), x)
 
@@ -163,7 +170,7 @@ def augment(images: Tensor, params: Tensor, pad_params: Tensor | None = None) ->
         out_h, out_w = (h + 2 * crop) * 2, (w + 2 * crop) * 2  # the 2x output with room for the filter's crop
         # to affine_grid's normalised coordinates ([-1, 1] over each image, align_corners=False)
         g = _scale(2 / x.shape[3], 2 / x.shape[2], g) @ g @ _scale(out_w / 2, out_h / 2, g)
-        grid = F.affine_grid(g[:, :2, :].to(x.device, x.dtype), [n, c, out_h, out_w], align_corners=False)
+        grid = F.affine_grid(_to_device(g[:, :2, :], x.device).to(x.dtype), [n, c, out_h, out_w], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         x = _downsample2x(x, taps, crop)
-    return x, augment_labels(params).to(images.device)
+    return x, _to_device(augment_labels(params), images.device)

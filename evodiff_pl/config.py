@@ -419,7 +419,8 @@ def check_forwarded(cfg: DictConfig) -> None:
                           "set data.augment=0")
     if augment and "augment_dim" not in signature_params(NETWORKS[cfg.model.network]):
         raise ConfigError(f"data.augment={augment} needs a network with an augmentation input (augment_dim); "
-                          f"model.network={cfg.model.network} has none: use songunet or dhariwalunet, or data.augment=0")
+                          f"model.network={cfg.model.network} has none: use songunet or dhariwalunet, or "
+                          "data.augment=0")
     evaluation = OmegaConf.to_container(cfg.evaluation)
     enabled = evaluation.pop("enabled", True)
     if not isinstance(enabled, bool):

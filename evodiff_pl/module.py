@@ -5,8 +5,9 @@ parameters) of the whole global batch from generators seeded by (run seed, batch
 `[rank::world_size]`, which matches the samples the rank holds (`evodiff_pl.data.InfiniteSampler` deals global
 position k*W + r of a batch to rank r). As in EDM, the gradient is that of the per-sample loss summed over the
 sample's elements, averaged over the global batch (each rank's mean, averaged by DDP); the logged losses
-(`train/loss_per_elem`, `val/loss_ema_per_elem`) are the per-element means, as EDM's logged `Loss/loss`. Learning-rate warm-up and the EMA half-life are counted in images seen (`images_seen`,
-every consumed batch included, so they stay aligned with the data stream and the noise seeds).
+(`train/loss_per_elem`, `val/loss_ema_per_elem`) are the per-element means, as EDM's logged `Loss/loss`.
+Learning-rate warm-up and the EMA half-life are counted in images seen (`images_seen`, every consumed batch
+included, so they stay aligned with the data stream and the noise seeds).
 
 Manual optimization: a step whose loss (any rank) or all-reduced gradient is not finite is skipped on
 every rank alike (no optimizer, EMA or tracker update) and reported with the step and the batch's

@@ -24,7 +24,8 @@ DATA = Path(__file__).parent / "data"
 LABEL_COLUMNS = {"xflip": [0], "yflip": [1], "scale": [2], "rotate_frac": [3, 4], "aniso": [5, 6],
                  "translate_frac": [7, 8], "configF_rgb16": list(range(9)), "configF_grey8": list(range(9))}
 """Columns of our 9-d labels that edm's pipe emits when only that transform is enabled."""
-PARAM_COLUMNS = {"xflip": [0], "yflip": [1], "scale": [2], "rotate_frac": [3], "aniso": [4, 5], "translate_frac": [6, 7]}
+PARAM_COLUMNS = {"xflip": [0], "yflip": [1], "scale": [2], "rotate_frac": [3], "aniso": [4, 5],
+                 "translate_frac": [6, 7]}
 """Columns of the raw parameters of each single-transform case (the config F cases use all eight)."""
 
 
@@ -114,7 +115,8 @@ def test_training_step_matches_edm(tmp_path: Path) -> None:
     trainer.fit(module, train_dataloaders=DataLoader(batch, batch_size=4))
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(float(ref["lr"]), rel=1e-12)
     # the logged loss is the per-element mean (EDM's logged Loss/loss), not the summed loss that is differentiated
-    assert float(trainer.callback_metrics["train/loss_per_elem"]) == pytest.approx(float(ref["loss_per_elem"]), rel=1e-5)
+    logged = float(trainer.callback_metrics["train/loss_per_elem"])
+    assert logged == pytest.approx(float(ref["loss_per_elem"]), rel=1e-5)
     state = trainer.optimizers[0].state
     params = dict(module.net.named_parameters())
     names = [str(n) for n in ref["param_names"]]
