@@ -47,6 +47,8 @@ from evodiff_pl.precond import EDMLoss, EDMPrecond, LossOutput
 from evodiff_pl.seeding import derive_seed, rng_state, set_rng_state
 
 
+LOSS_SCALE = "sum_over_elements"
+"""Checkpoints record the gradient scale of their Adam moments; those without it predate EDM's loss scale."""
 AUGMENT_STREAM = 1
 """The augmentation parameters of batch i come from derive_seed(seed, i, AUGMENT_STREAM) (σ and noise: (seed, i))."""
 
@@ -381,10 +383,24 @@ class EDMModule(L.LightningModule):
             "schedule": self.entropic_schedule.to_dict() if self.entropic_schedule is not None else None,
             "schedule_version": self.schedule_version,
             "rng": self._gather_rng_states(),
+            "loss_scale": LOSS_SCALE,
         }
+
+    def _upgrade_adam_moments(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint from before EDM's loss scale holds Adam's moments of per-element-mean gradients: scale them
+        by n and n² (n elements per sample), so that the resumed steps see moments of their own scale."""
+        n = self.elements_per_sample
+        for optimizer in checkpoint.get("optimizer_states", []):
+            for moments in optimizer["state"].values():
+                moments["exp_avg"].mul_(n)
+                moments["exp_avg_sq"].mul_(n * n)
+        rank_zero_warn(f"the checkpoint predates EDM's loss scale (gradients summed over a sample's {n} elements): "
+                       f"Adam's moments were scaled by {n} and {n}² to match; its earlier steps used the old scale")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint[CHECKPOINT_KEY]
+        if state.get("loss_scale") != LOSS_SCALE:
+            self._upgrade_adam_moments(checkpoint)
         self.images_seen = int(state["images_seen"])
         self.batches_seen = int(state["batches_seen"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
