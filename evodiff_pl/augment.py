@@ -141,7 +141,8 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 def augment(images: Tensor, params: Tensor, pad_params: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Images (N, C, H, W) transformed by raw parameters (N, 8) (`draw_params`), and their labels (N, 9).
+    """Images (N, C, H, W) transformed by raw parameters (N, 8) (`draw_params`), and their labels (N, 9) in the
+    images' dtype.
 
     `pad_params`: the parameters whose transforms size the reflect padding (default `params`); pass the whole
     global batch's so that every rank pads alike. Runs in the images' float dtype with autocast off; the
@@ -173,4 +174,4 @@ def augment(images: Tensor, params: Tensor, pad_params: Tensor | None = None) ->
         grid = F.affine_grid(_to_device(g[:, :2, :], x.device).to(x.dtype), [n, c, out_h, out_w], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         x = _downsample2x(x, taps, crop)
-    return x, _to_device(augment_labels(params), images.device)
+    return x, _to_device(augment_labels(params), images.device).to(images.dtype)
