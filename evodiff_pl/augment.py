@@ -1,4 +1,5 @@
-"""EDM's non-leaky geometric augmentation (Karras et al. 2022, Appendix F.2; docs/method.md §1.5), on the device.
+"""EDM's non-leaky geometric augmentation, on the device (Karras et al. 2022, appendix "augmentation
+regularization"; docs/method.md §1.5).
 
 With `data.augment = p > 0`, each training image is independently x-flipped (probability ½, as EDM's CIFAR-10
 recipe, whatever p), y-flipped (p/2: a fair coin with probability p), isotropically scaled, rotated, anisotropically
@@ -11,8 +12,8 @@ original pipeline are not part of EDM's recipe and not implemented.
 (a pure function of its inputs). The training module draws the parameters of the whole global batch from a CPU
 generator seeded by (run seed, batch index), like σ and the noise, and each rank transforms its slice; the
 reflect padding is sized from the whole batch's parameters (`pad_params`), so 1 and N processes compute the same
-images. The resampling follows Karras et al. 2020 ("Training GANs with limited data", Appendix B): reflect-pad,
-2x upsample with the symlet-6 low-pass filter, bilinear sampling of the inverse transform, filtered 2x downsample.
+images. The resampling follows Karras et al. 2020 ("Training GANs with limited data", its geometric pipeline):
+reflect-pad, 2x upsample with the symlet-6 low-pass filter, bilinear sampling of the inverse transform, filtered 2x downsample.
 """
 
 from __future__ import annotations
