@@ -13,7 +13,8 @@ original pipeline are not part of EDM's recipe and not implemented.
 generator seeded by (run seed, batch index), like σ and the noise, and each rank transforms its slice; the
 reflect padding is sized from the whole batch's parameters (`pad_params`), so 1 and N processes compute the same
 images. The resampling follows Karras et al. 2020 ("Training GANs with limited data", its geometric pipeline):
-reflect-pad, 2x upsample with the symlet-6 low-pass filter, bilinear sampling of the inverse transform, filtered 2x downsample.
+reflect-pad, 2x upsample with the symlet-6 low-pass filter, bilinear sampling of the inverse transform, filtered
+2x downsample.
 """
 
 from __future__ import annotations
