@@ -178,3 +178,13 @@ def test_cifar10_configs_are_edm_config_f(name: str, classes: bool) -> None:
     assert (cfg.ema.halflife_images, cfg.ema.rampup_ratio, cfg.train.total_images) == (500_000, 0.05, 200_000_000)
     assert (cfg.data.batch_size, cfg.data.augment, cfg.data.get("hflip", False)) == (512, 0.12, False)
     assert cfg.data.get("conditional", False) == classes and cfg.trainer.precision == "32-true"
+
+
+def test_sampling_without_labels_is_the_zero_augmentation() -> None:
+    """At sampling the augmentation input is None, which is exactly the all-zero vector ("not augmented")."""
+    net = load_nvlabs_pickle(DATA / "nvlabs" / "ddpmpp_edm_cond.pkl").denoiser
+    x, sigma, ids = torch.randn(4, 3, 8, 8), torch.tensor([0.01, 0.3, 2.0, 40.0]), torch.arange(4)
+    with torch.no_grad():
+        plain = net(x, sigma, ids)
+        assert torch.equal(plain, net(x, sigma, ids, augment_labels=torch.zeros(4, AUGMENT_DIM)))
+        assert not torch.equal(plain, net(x, sigma, ids, augment_labels=torch.ones(4, AUGMENT_DIM)))
