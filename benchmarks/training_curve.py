@@ -63,10 +63,11 @@ def main() -> None:
         for c in members:
             ax.plot(*series(rows, c), "-o", ms=3, label=c.rsplit("/", 1)[-1])
         ax.set_title(family if len(members) > 1 else members[0])
-    xs, ys = series(rows, "train/loss")
+    name = "train/loss_per_elem" if any(r.get("train/loss_per_elem") for r in rows) else "train/loss"  # older runs
+    xs, ys = series(rows, name)
     window = max(1, len(ys) // 40)  # a running mean: the per-step loss is very noisy
     smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
-    axes.flat[-1].plot(xs, smooth, label=f"train/loss (mean of {window} logged steps)")
+    axes.flat[-1].plot(xs, smooth, label=f"{name} (mean of {window} logged steps)")
     axes.flat[-1].set_title("training loss")
     for ax in axes.flat:
         for mark in args.mark:

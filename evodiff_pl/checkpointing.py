@@ -8,7 +8,9 @@ Format (a Lightning checkpoint, loadable with `torch.load(..., weights_only=True
   `evodiff_pl.precond.build_precond`; absent before version 2: EDM with `sigma_data`), `sigma_data`, `sigma_min`,
   `sigma_max`, `sample_shape`, `num_classes`, `data` (`name`, `stats_key`), `images_seen`,
   `batches_seen`, `global_step`, `tracker`, `schedule` (`EntropicSchedule.to_dict()` or None), `rng`,
-  `config_history` (settings changed on resume, with the step), `completed` (the final evaluation ran), and
+  `config_history` (settings changed on resume, with the step), `completed` (the final evaluation ran),
+  `loss_scale` ("sum_over_elements": Adam's moments are of EDM's summed loss; absent in older files, whose
+  moments are rescaled on resume, `EDMModule.on_load_checkpoint`), and
   `digest`: a BLAKE2b hash of everything else in the file (every tensor's bytes, every other value's repr),
   checked on every load, so a damaged file is refused instead of resumed.
 Version 2: the U-Nets have NVlabs edm's parameter layout and the file carries its digest; version 1 files (the

@@ -424,6 +424,16 @@ def check_forwarded(cfg: DictConfig) -> None:
     check_kwargs("data", DATASETS[name], data)
     if not data.get("batch_size", 1) > 0:
         raise ConfigError(f"data.batch_size must be > 0, got {data['batch_size']}")
+    augment = data.get("augment", 0.0)
+    if not 0 <= augment <= 1:
+        raise ConfigError(f"data.augment={augment} must be in [0, 1] (the augmentation probability; 0 = off)")
+    if augment and not DATASETS[name].is_image:
+        raise ConfigError(f"data.augment={augment}: augmentation needs images, data.name={name} holds vectors; "
+                          "set data.augment=0")
+    if augment and "augment_dim" not in signature_params(NETWORKS[cfg.model.network]):
+        raise ConfigError(f"data.augment={augment} needs a network with an augmentation input (augment_dim); "
+                          f"model.network={cfg.model.network} has none: use songunet or dhariwalunet, or "
+                          "data.augment=0")
     evaluation = OmegaConf.to_container(cfg.evaluation)
     enabled = evaluation.pop("enabled", True)
     if not isinstance(enabled, bool):

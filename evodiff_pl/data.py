@@ -113,7 +113,7 @@ class DiffusionDataModule(L.LightningDataModule):
     is_image: ClassVar[bool]
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, holdout: int = 0,
-                 pin_memory: bool = False, prepare_per_node: bool = True) -> None:
+                 pin_memory: bool = False, prepare_per_node: bool = True, augment: float = 0.0) -> None:
         """
         Args:
             batch_size: the global batch, split evenly over the processes.
@@ -124,6 +124,8 @@ class DiffusionDataModule(L.LightningDataModule):
             pin_memory: page-locked loader batches (faster, asynchronous copies to a GPU).
             prepare_per_node: download on one process per node; false: on one process in all (set it when the
                 data root is on a filesystem shared by the nodes, so they do not download into it at once).
+            augment: probability of EDM's non-leaky geometric augmentation (`evodiff_pl.augment`; EDM's CIFAR-10:
+                0.12), applied by the training module on the device; 0 = off. Images only.
         """
         super().__init__()
         if batch_size < 1:
@@ -132,12 +134,17 @@ class DiffusionDataModule(L.LightningDataModule):
             raise ValueError(f"holdout must be >= 0, got {holdout}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (0 loads in the main process), got {num_workers}")
+        if not 0 <= augment <= 1:
+            raise ValueError(f"augment={augment} must be in [0, 1] (a probability; 0 = off)")
+        if augment and not self.is_image:
+            raise ValueError(f"augment={augment}: augmentation needs images, {self.name} holds vectors")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.holdout = holdout
         self.pin_memory = pin_memory
         self.prepare_data_per_node = prepare_per_node
+        self.augment = float(augment)
         self.shape: tuple[int, ...] = ()
         self.num_classes = 0
         self._data: Dataset | None = None

@@ -368,7 +368,7 @@ class PlainProgress(ProgressBar):
         steps_per_s = (step - self._start[1]) / elapsed
         parts = [f"step {step}/{trainer.max_steps}", f"{pl_module.images_seen / 1000:.1f} kimg",
                  f"{(pl_module.images_seen - self._start[2]) / elapsed:.0f} img/s"]
-        loss = trainer.progress_bar_metrics.get("train/loss")
+        loss = trainer.progress_bar_metrics.get("train/loss_per_elem")
         if loss is not None:
             parts.append(f"loss {float(loss):.4g}")
         if steps_per_s > 0:

@@ -1,11 +1,13 @@
 """The EDM training LightningModule, with the per-noise-level loss tracker and the learned entropic schedule.
 
-Same answer on 1 or N processes: every rank draws the sigmas and noise of the whole global batch from a
-generator seeded by (run seed, batch index) and keeps the slice `[rank::world_size]`, which matches the
-samples the rank holds (`evodiff_pl.data.InfiniteSampler` deals global position k*W + r of a batch to
-rank r). The loss is the mean over the rank's samples and DDP averages the gradients, i.e. the mean over
-the global batch. Learning-rate warm-up and the EMA half-life are counted in images seen (`images_seen`,
-every consumed batch included, so they stay aligned with the data stream and the noise seeds).
+Same answer on 1 or N processes: every rank draws the sigmas and noise (and, with `augment`, the augmentation
+parameters) of the whole global batch from generators seeded by (run seed, batch index) and keeps the slice
+`[rank::world_size]`, which matches the samples the rank holds (`evodiff_pl.data.InfiniteSampler` deals global
+position k*W + r of a batch to rank r). As in EDM, the gradient is that of the per-sample loss summed over the
+sample's elements, averaged over the global batch (each rank's mean, averaged by DDP); the logged losses
+(`train/loss_per_elem`, `val/loss_ema_per_elem`) are the per-element means, as EDM's logged `Loss/loss`.
+Learning-rate warm-up and the EMA half-life are counted in images seen (`images_seen`, every consumed batch
+included, so they stay aligned with the data stream and the noise seeds).
 
 The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of
 the network that samples: the EMA copy in eval mode, without grad, on the un-augmented first
@@ -41,6 +43,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from evodiff_pl.augment import augment, draw_params
 from evodiff_pl.checkpointing import CHECKPOINT_KEY, FORMAT, VERSION
 from evodiff_pl.config import EMAConfig, EntropicConfig, OptimConfig, PerfConfig, TrainConfig
 from evodiff_pl.dist import world
@@ -48,6 +51,12 @@ from evodiff_pl.ema import ema_beta, update_ema
 from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss
 from evodiff_pl.precond import EDMLoss, EDMPrecond, LossOutput
 from evodiff_pl.seeding import derive_seed, rng_state, set_rng_state
+
+
+LOSS_SCALE = "sum_over_elements"
+"""Checkpoints record the gradient scale of their Adam moments; those without it predate EDM's loss scale."""
+AUGMENT_STREAM = 1
+"""The augmentation parameters of batch i come from derive_seed(seed, i, AUGMENT_STREAM) (σ and noise: (seed, i))."""
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -96,6 +105,7 @@ class EDMModule(L.LightningModule):
         perf: PerfConfig | None = None,
         checkpoint_dir: str | Path | None = None,
         meta: dict[str, Any] | None = None,
+        augment: float = 0.0,
     ) -> None:
         """
         Args:
@@ -111,6 +121,8 @@ class EDMModule(L.LightningModule):
             perf: channels-last weights and inputs, torch.compile of `net`, the device-side skip (module docstring).
             checkpoint_dir: where the checkpoint written before a non-finite stop goes.
             meta: stored verbatim in every checkpoint (resolved config, network and data description).
+            augment: probability of EDM's geometric augmentation (`data.augment`, `evodiff_pl.augment`); 0 = off.
+                Its 9-d parameters go to `net` as `augment_labels`.
         """
         super().__init__()
         optim, ema, entropic, train = optim or OptimConfig(), ema or EMAConfig(), entropic or EntropicConfig(), train or TrainConfig()
@@ -124,6 +136,8 @@ class EDMModule(L.LightningModule):
         self.sync_free = perf.sync_free_step
         self.loss_fn = loss
         self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.elements_per_sample = math.prod(self.sample_shape)
+        self.augment = float(augment)
         self.num_classes = int(num_classes)
         self.global_batch = int(global_batch)
         self.seed = int(seed)
@@ -174,6 +188,11 @@ class EDMModule(L.LightningModule):
         noise = torch.randn((self.global_batch, *self.sample_shape), generator=g, device=self.device, dtype=dtype)
         return sigma, noise
 
+    def draw_augment(self, batch_index: int) -> Tensor:
+        """Augmentation parameters (global batch, 8) of batch `batch_index` on the CPU, identical on every rank."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, batch_index, AUGMENT_STREAM))
+        return draw_params(self.global_batch, self.augment, g)
+
     def _all_reduce_sum(self, t: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum")
 
@@ -193,18 +212,24 @@ class EDMModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, labels = batch
         rank, world_size = world()
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
         if x0.shape[0] * world_size != self.global_batch:
             raise ValueError(f"got {x0.shape[0]} samples per process x {world_size} processes, expected the global "
                              f"batch {self.global_batch}: train with the datamodule built by evodiff_pl.training")
+        clean, augment_labels = x0, None  # the EMA pass of entropic.source=ema_eval sees the un-augmented images
+        if self.augment:
+            params = self.draw_augment(self.batches_seen)
+            x0, augment_labels = augment(x0, params[rank::world_size], pad_params=params)
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
         sigma, noise = batch_sigmas[rank::world_size], batch_noise[rank::world_size]
-        tracked = self._ema_eval_loss(x0, labels, noise) if self.tracker_source == "ema_eval" else None
-        out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
+        tracked = self._ema_eval_loss(clean, labels, noise) if self.tracker_source == "ema_eval" else None
+        out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise,
+                           augment_labels=augment_labels)
         per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
-        # The batch's loss is the mean over the global batch: DDP averages the per-rank means (equal batches).
-        self.manual_backward(per_sample.mean())
+        # EDM's loss scale (training_loop.py: loss.sum() / batch): the gradient is that of the sum over a sample's
+        # elements, averaged over the global batch (DDP averages the per-rank means of equal batches).
+        self.manual_backward(per_sample.mean() * self.elements_per_sample)
         stats = self._reduce_step(per_sample)
         lr = lr_at(self.images_seen, self.adam["lr"], self.lr_rampup_images)
         if self.sync_free:
@@ -306,7 +331,7 @@ class EDMModule(L.LightningModule):
     def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
         """Log the step's numbers (at logging steps), as CPU tensors so that Lightning never reads the device."""
         now = time.perf_counter()
-        shown = {"train/loss": loss}
+        shown = {"train/loss_per_elem": loss}
         if self._last_log is not None:
             shown["train/img_per_s"] = (self.images_seen - self._last_log[1]) / max(now - self._last_log[0], 1e-9)
         self._last_log = (now, self.images_seen)
@@ -369,7 +394,7 @@ class EDMModule(L.LightningModule):
         sigma = self.loss_fn.sample_sigma(x0.shape[0], device=self.device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
         out = self.loss_fn(self.ema, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
-        self.log("val/loss_ema", out.loss.mean(), on_step=False, on_epoch=True, sync_dist=True)
+        self.log("val/loss_ema_per_elem", out.loss.mean(), on_step=False, on_epoch=True, sync_dist=True)
 
     def _gather_rng_states(self) -> list[dict[str, Any]]:
         state = rng_state()
@@ -396,10 +421,24 @@ class EDMModule(L.LightningModule):
             "schedule": self.entropic_schedule.to_dict() if self.entropic_schedule is not None else None,
             "schedule_version": self.schedule_version,
             "rng": self._gather_rng_states(),
+            "loss_scale": LOSS_SCALE,
         }
+
+    def _upgrade_adam_moments(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint from before EDM's loss scale holds Adam's moments of per-element-mean gradients: scale them
+        by n and n² (n elements per sample), so that the resumed steps see moments of their own scale."""
+        n = self.elements_per_sample
+        for optimizer in checkpoint.get("optimizer_states", []):
+            for moments in optimizer["state"].values():
+                moments["exp_avg"].mul_(n)
+                moments["exp_avg_sq"].mul_(n * n)
+        rank_zero_warn(f"the checkpoint predates EDM's loss scale (gradients summed over a sample's {n} elements): "
+                       f"Adam's moments were scaled by {n} and {n}² to match; its earlier steps used the old scale")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint[CHECKPOINT_KEY]
+        if state.get("loss_scale") != LOSS_SCALE:
+            self._upgrade_adam_moments(checkpoint)
         self.images_seen = int(state["images_seen"])
         self.batches_seen = int(state["batches_seen"])
         self.nonfinite_streak = int(state["nonfinite_streak"])

@@ -47,14 +47,17 @@ class Precond(nn.Module):
         """The part of the backbone's output that enters D (all of it, except for iDDPM)."""
         return f
 
-    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
+        """D(x, σ); `augment_labels` (B, 9) of `evodiff_pl.augment` reach backbones that take them (None = zero)."""
         dtype = _compute_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             s = _per_sample(sigma, x.shape[0], dtype, x.device)
             c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=dtype, device=x.device).expand(s.shape)
                                             .reshape(-1, *([1] * (x.ndim - 1))) for c in self.coefficients(s))
             x_in = c_in * x.to(dtype)
-        f = self._output(self.backbone(x_in, c_noise.reshape(-1), labels), x)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        f = self._output(self.backbone(x_in, c_noise.reshape(-1), labels, **extra), x)
         with torch.autocast(x.device.type, enabled=False):
             return (c_skip * x.to(dtype) + c_out * f.to(dtype)).to(x.dtype)
 
@@ -161,7 +164,8 @@ class LossOutput(NamedTuple):
     """Per-sample EDM loss terms, all (B,)."""
 
     loss: Tensor
-    """λ(σ)·mean over elements of (D − x0)²; differentiable, unreduced."""
+    """λ(σ)·mean over elements of (D − x0)²; differentiable, unreduced. Training differentiates its batch mean
+    times the number of elements (EDM's sum over a sample's elements; `evodiff_pl.module`)."""
     sigma: Tensor
     """Noise level of each sample."""
     mse: Tensor
@@ -195,11 +199,14 @@ class EDMLoss:
         sigma: Tensor | float | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
+        augment_labels: Tensor | None = None,
     ) -> LossOutput:
-        """Loss of `denoiser(x, sigma[, labels])` on clean data x0 (B, ...).
+        """Loss of `denoiser(x, sigma[, labels][, augment_labels=...])` on clean data x0 (B, ...).
 
         sigma (scalar or (B,)) and noise (x0's shape) default to fresh draws from `generator`; pass
-        them to use common random numbers. Outputs are float32 (float64 for float64 x0).
+        them to use common random numbers. x0 is the (augmented) training image and `augment_labels` its
+        augmentation's conditioning vector (`evodiff_pl.augment`), None without augmentation. Outputs are float32
+        (float64 for float64 x0).
         """
         batch = x0.shape[0]
         dtype = _compute_dtype(x0.dtype)
@@ -212,7 +219,8 @@ class EDMLoss:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
         s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
         x_sigma = (x0.to(dtype) + s * noise.to(dtype)).to(x0.dtype)
-        d = denoiser(x_sigma, sigma) if labels is None else denoiser(x_sigma, sigma, labels)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        d = denoiser(x_sigma, sigma, **extra) if labels is None else denoiser(x_sigma, sigma, labels, **extra)
         err = (d.to(dtype) - x0.to(dtype)).square().reshape(batch, -1).mean(dim=1)
         weight = self.weight(sigma)
         return LossOutput(loss=weight * err, sigma=sigma, mse=err.detach(), weight=weight)

@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from evodiff_pl.augment import AUGMENT_DIM
 from evodiff_pl.checkpointing import CheckpointError
 from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict, usage
 from evodiff_pl.data import DataError, DatasetNotFoundError, DiffusionDataModule, build_from_config
@@ -81,10 +82,14 @@ def construct(section: str, factory: Callable[..., T], *args: Any, **kwargs: Any
         raise ConfigError(f"{section}: {err}") from err
 
 
-def network_kwargs(name: str, net: dict[str, Any], shape: Sequence[int], num_classes: int) -> dict[str, Any]:
-    """The backbone's kwargs: the configured ones plus the shape and label arguments it takes, from the data."""
+def network_kwargs(name: str, net: dict[str, Any], shape: Sequence[int], num_classes: int,
+                   augment_dim: int = 0) -> dict[str, Any]:
+    """The backbone's kwargs: the configured ones plus the shape and label arguments it takes, from the data
+    (and `augment_dim`, the width of the augmentation labels, when augmenting)."""
     derived = {"img_resolution": shape[-1], "in_channels": shape[0], "out_channels": shape[0],
                "dim": math.prod(shape), "label_dim": num_classes}
+    if augment_dim:
+        derived["augment_dim"] = augment_dim
     params = signature_params(NETWORKS[name])
     kwargs = dict(net)
     for key, value in derived.items():
@@ -137,7 +142,8 @@ def build(cfg: DictConfig) -> TrainingRun:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = build_data(cfg)
     shape, num_classes = tuple(datamodule.shape), datamodule.num_classes
-    net_kwargs = network_kwargs(cfg.model.network, OmegaConf.to_container(cfg.model.net), shape, num_classes)
+    net_kwargs = network_kwargs(cfg.model.network, OmegaConf.to_container(cfg.model.net), shape, num_classes,
+                                AUGMENT_DIM if datamodule.augment else 0)
     backbone = construct("model.net", build_network, cfg.model.network, **net_kwargs)
     precond = {"name": cfg.model.precond, "kwargs": {"sigma_data": cfg.model.sigma_data}}
     net = construct("model.precond", build_precond, precond["name"], backbone, **precond["kwargs"])
@@ -155,6 +161,7 @@ def build(cfg: DictConfig) -> TrainingRun:
         sigma_range=(cfg.model.sigma_min, cfg.model.sigma_max), optim=OmegaConf.to_object(cfg.optim),
         ema=OmegaConf.to_object(cfg.ema), entropic=OmegaConf.to_object(cfg.entropic),
         train=OmegaConf.to_object(cfg.train), perf=OmegaConf.to_object(cfg.perf), checkpoint_dir=ckpt_dir, meta=meta,
+        augment=datamodule.augment,
     )
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # ranks from SLURM; pre-emption is `Preemption`'s, not Lightning's requeue

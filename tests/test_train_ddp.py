@@ -61,3 +61,26 @@ def test_two_processes_match_one_in_float32(tmp_path):
 def test_sync_free_skip_two_processes_match_one_in_float64(tmp_path):
     """perf.sync_free_step with a NaN batch: every rank skips it on the device, as the single process does."""
     _compare(tmp_path, "64-true", 1e-10, 1e-10, "perf.sync_free_step=true", "train.nan_loss_steps=[2]")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_augmentation_in_float64(tmp_path):
+    """data.augment on a tiny digits U-Net: each rank augments its slice of the global batch with the global
+    batch's parameters, so the 2-process run takes the 1-process steps."""
+    from train_utils import DIGITS
+
+    overrides = [
+        "model.net.model_channels=8", "model.net.channel_mult=[1]", "model.net.dropout=0.0", "data.batch_size=16",
+        "data.augment=0.5", "train.total_images=64", "trainer.precision=64-true", "trainer.accelerator=cpu",
+        "logger.kind=none", "evaluation.enabled=false", "trainer.progress_bar=false", "entropic.update_every_steps=2",
+    ]
+    ckpts = []
+    for name, extra in (("one", ("trainer.devices=1",)), ("two", DDP)):
+        proc = train_subprocess(DIGITS, [f"run.dir={tmp_path / name}", *overrides, *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ckpts.append(load(tmp_path / name / "checkpoints" / "last.ckpt"))
+    one, two = ckpts
+    assert one["global_step"] == two["global_step"] == 4
+    assert one["evodiff"]["network"]["kwargs"]["augment_dim"] == 9
+    for key, value in one["state_dict"].items():
+        assert _rel(value, two["state_dict"][key]) < 1e-10, key

@@ -106,7 +106,7 @@ def test_wandb_plots_everything_against_kimg_with_tags_group_and_tables(no_wandb
     assert any(m.glob_name == "*" and m.step_metric == "train/kimg" for m in metrics)
     rows = [{item.nested_key[0] if item.nested_key else item.key: item.value_json for item in r.history.item}
             for r in records if r.WhichOneof("record_type") == "history"]
-    losses = [row for row in rows if "train/loss" in row]
+    losses = [row for row in rows if "train/loss_per_elem" in row]
     assert [float(row["train/kimg"]) for row in losses] == [0.256, 0.512, 0.768]
     tables = [row for row in rows if "entropic/loss_per_sigma_table" in row]
     assert tables and all("entropic/schedule_table" in row and "train/kimg" in row for row in tables)
@@ -134,7 +134,7 @@ def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path, caplog):
     for spec in ("evodiff_consistent_rescaled_entropic_nfe10", "dpmpp_2m_logsnr_nfe10"):
         assert f"val/fd_pixels_64/{spec}" in names
         assert list((tmp_path / "grids").glob(f"{spec}_384.png"))
-    assert {"train/loss", "train/lr", "train/images_seen", "train/img_per_s", "val/loss_ema"} <= names
+    assert {"train/loss_per_elem", "train/lr", "train/images_seen", "train/img_per_s", "val/loss_ema_per_elem"} <= names
     assert (tmp_path / "plots" / "loss_per_sigma.png").is_file() and (tmp_path / "plots" / "schedule.png").is_file()
     schedule = EntropicSchedule.load(tmp_path / "schedule.json")
     assert schedule.kind == "rescaled_entropic" and schedule.sigmas(10, 0.002, 80.0).shape == (11,)

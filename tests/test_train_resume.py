@@ -134,3 +134,24 @@ def test_mismatched_checkpoint_names_the_difference(runs, tmp_path):
 def test_resume_never_refuses_an_existing_run(runs):
     with pytest.raises(CheckpointError, match="run.resume=never but .*last.ckpt exists"):
         train_in_process(GMM, tiny_gmm(runs[0], *RESUME, "run.resume=never"))
+
+
+def test_checkpoint_from_before_the_loss_scale_resumes_with_scaled_moments(tmp_path):
+    """A checkpoint of the per-element-mean loss (no `loss_scale` entry) resumes as one of EDM's summed loss: Adam's
+    moments are scaled by n and n² (n = 8 elements here, exact in binary), so the steps after it are the same."""
+    from evodiff_pl.checkpointing import read_checkpoint, write_checkpoint
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    train_in_process(GMM, tiny_gmm(full, *RESUME))
+    train_in_process(GMM, tiny_gmm(split, *RESUME, "train.total_images=192"))
+    old = read_checkpoint(split / "checkpoints" / "last.ckpt")
+    assert old["evodiff"].pop("loss_scale") == "sum_over_elements"
+    for moments in old["optimizer_states"][0]["state"].values():
+        moments["exp_avg"].div_(8)
+        moments["exp_avg_sq"].div_(64)
+    write_checkpoint(tmp_path / "old.ckpt", old)
+    train_in_process(GMM, tiny_gmm(split, *RESUME, f"run.resume={tmp_path / 'old.ckpt'}"))
+    a, b = load(full / "checkpoints" / "last.ckpt"), load(split / "checkpoints" / "last.ckpt")
+    assert b["global_step"] == 6 and b["evodiff"]["loss_scale"] == "sum_over_elements"
+    _assert_equal(a["state_dict"], b["state_dict"], "state_dict")
+    _assert_equal(a["optimizer_states"], b["optimizer_states"], "optimizer")

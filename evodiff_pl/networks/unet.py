@@ -233,7 +233,7 @@ class SongUNet(nn.Module):
             in_channels: channels of x.
             out_channels: channels of F (= in_channels under EDMPrecond).
             label_dim: number of classes; 0 = unconditional.
-            augment_dim: width of the augmentation labels (edm's augment pipe: 9); 0 = none.
+            augment_dim: width of the augmentation labels (`evodiff_pl.augment`: 9, set by data.augment > 0); 0 = none.
             model_channels: base width; level i has model_channels·channel_mult[i] channels.
             channel_mult: per-level width multipliers; one level per entry.
             channel_mult_emb: width of the embedding vector, in units of model_channels.
@@ -386,7 +386,7 @@ class DhariwalUNet(nn.Module):
             in_channels: channels of x.
             out_channels: channels of F (2 x in_channels under iDDPMPrecond: mean and variance).
             label_dim: number of classes; 0 = unconditional.
-            augment_dim: width of the augmentation labels; 0 = none.
+            augment_dim: width of the augmentation labels (9, set by data.augment > 0); 0 = none.
             model_channels: base width; level i has model_channels·channel_mult[i] channels.
             channel_mult: per-level width multipliers; one level per entry.
             channel_mult_emb: width of the embedding vector, in units of model_channels.
