@@ -52,7 +52,8 @@ class ImageFiles:
             except (zipfile.BadZipFile, OSError) as err:
                 raise DataError(f"cannot read the zip archive {self.root}: {err}") from None
         else:
-            raise DatasetNotFoundError(f"image folder or zip {self.root} does not exist (looked for {exts} images)")
+            raise DatasetNotFoundError(f"image folder {self.root} does not exist, nor is it a .zip file (looked for "
+                                       f"{exts} images)")
         self.names = sorted(n for n in everything if _is_image(n))
         """Image paths relative to the root, POSIX separators, sorted."""
         if not self.names:

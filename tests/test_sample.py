@@ -20,7 +20,8 @@ from evodiff_pl.sampling import checkpoint_data, main, training_samples
 from evodiff_pl.training import run
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["logger.kind=none", "trainer.progress_bar=false", "evaluation.enabled=false", "checkpoint.every_steps=1000"]
+TINY = ["logger.kind=none", "trainer.progress_bar=false", "evaluation.enabled=false", "checkpoint.every_steps=1000",
+        "entropic.eval_fraction=1"]
 """A few optimizer steps, no logger or evaluation: enough for a checkpoint with a learned schedule."""
 
 
