@@ -288,6 +288,7 @@ def build_edm2(record: PersistentRecord, encoder: Any = None) -> tuple[torch.nn.
         raise NVlabsPickleError(f"edm2's Precond has init kwargs {unknown} that this reader does not know "
                                 f"(known: img_resolution, img_channels, label_dim, use_fp16, sigma_data, "
                                 f"logvar_channels, {', '.join(EDM2_KWARGS)})")
+    latent = _latent(encoder)
     net_kwargs = dict(img_resolution=res, in_channels=channels, out_channels=channels, label_dim=label_dim,
                       **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})
     try:
@@ -300,7 +301,7 @@ def build_edm2(record: PersistentRecord, encoder: Any = None) -> tuple[torch.nn.
         "network": {"name": "edm2unet", "kwargs": net_kwargs},
         "precond": {"name": "edm2", "kwargs": precond_kwargs},
         "sigma_data": denoiser.sigma_data, "sigma_min": SAMPLING_RANGE[0], "sigma_max": SAMPLING_RANGE[1],
-        "sample_shape": [channels, res, res], "num_classes": label_dim, "latent": _latent(encoder),
+        "sample_shape": [channels, res, res], "num_classes": label_dim, "latent": latent,
         "config": None, "data": None, "schedule": None,
     }
     return denoiser.eval().requires_grad_(False), meta
