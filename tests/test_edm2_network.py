@@ -123,7 +123,8 @@ def test_train_config_builds_edm2_from_a_preset(tmp_path: Path) -> None:
     text = (Path(__file__).parents[1] / "configs" / "digits.yaml").read_text()
     head, rest = text.split("  network: songunet\n", 1)
     rest = rest[rest.index("  sigma_data"):]
-    (tmp_path / "edm2.yaml").write_text(head + "  network: edm2unet\n  precond: edm2\n  net:\n    preset: tiny\n" + rest)
+    model = "  network: edm2unet\n  precond: edm2\n  net:\n    preset: tiny\n"
+    (tmp_path / "edm2.yaml").write_text(head + model + rest)
     cfg = load_config(tmp_path / "edm2.yaml", [f"run.dir={tmp_path / 'run'}", "logger.kind=none",
                                                "evaluation.enabled=false"])
     module = build(cfg).module
