@@ -1,4 +1,5 @@
-"""Preconditionings (EDM, VP, VE, iDDPM; Karras et al. 2022, Table 1) and the EDM training loss (eq. (2)/(8))."""
+"""Preconditionings (EDM, VP, VE, iDDPM; Karras et al. 2022, Table 1; EDM2's with its uncertainty head, Karras
+et al. 2024) and the EDM training loss (eq. (2)/(8))."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from evodiff_pl.networks.edm2 import MPConv, MPFourier, mp_conv
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,6 +73,35 @@ class EDMPrecond(Precond):
         c_in = 1 / (sigma**2 + sd2).sqrt()
         c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
+
+
+class EDM2Precond(EDMPrecond):
+    """EDM2's preconditioner (Karras et al. 2024; edm2's `Precond`): EDM's c_skip, c_out, c_in and c_noise = ¼ ln σ
+    around the backbone, plus the learned uncertainty head u(σ) = logvar_linear(logvar_fourier(c_noise)) of
+    the loss ℓ = (λ(σ)/e^{u(σ)})·(D − y)² + u(σ) (EDM2 eq. (21)); parameter names as edm2's."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, logvar_channels: int = 128) -> None:
+        super().__init__(backbone, sigma_data)
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=())
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None, return_logvar: bool = False,
+                **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        """D(x, σ), or (D, u(σ)) with u shaped (B, 1, ..., 1) like x (float32; float64 for float64 x)."""
+        d = super().forward(x, sigma, labels, **kwargs)
+        if not return_logvar:
+            return d
+        with torch.autocast(x.device.type, enabled=False):
+            s = _per_sample(sigma, x.shape[0], _compute_dtype(x.dtype), x.device)
+            logvar = self.logvar_linear(self.logvar_fourier(s.log() / 4))  # training mode: forced weight norm
+        return d, logvar.reshape(-1, *([1] * (x.ndim - 1)))
+
+    def logvar(self, sigma: Tensor) -> Tensor:
+        """u(σ) for a (K,) tensor of noise levels, (K,) float32 (float64 for float64 sigma); never updates the head's
+        weight in place (its value as evaluated in eval mode)."""
+        with torch.autocast(sigma.device.type, enabled=False):
+            c_noise = sigma.to(_compute_dtype(sigma.dtype)).reshape(-1).log() / 4
+            return mp_conv(self.logvar_fourier(c_noise), self.logvar_linear.weight.to(torch.float32)).reshape(-1)
 
 
 class VPPrecond(Precond):
@@ -146,7 +178,8 @@ class iDDPMPrecond(Precond):
         return f[:, : x.shape[1]]
 
 
-PRECONDS: dict[str, type[Precond]] = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond}
+PRECONDS: dict[str, type[Precond]] = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond,
+                                     "edm2": EDM2Precond}
 """Preconditionings by `model.precond` name."""
 
 

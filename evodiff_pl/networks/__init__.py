@@ -6,10 +6,12 @@ from typing import Any
 
 from torch import nn
 
+from evodiff_pl.networks.edm2 import EDM2UNet
 from evodiff_pl.networks.mlp import MLPDenoiser
 from evodiff_pl.networks.unet import DhariwalUNet, SongUNet
 
-NETWORKS: dict[str, type[nn.Module]] = {"songunet": SongUNet, "dhariwalunet": DhariwalUNet, "mlp": MLPDenoiser}
+NETWORKS: dict[str, type[nn.Module]] = {"songunet": SongUNet, "dhariwalunet": DhariwalUNet, "mlp": MLPDenoiser,
+                                       "edm2unet": EDM2UNet}
 
 
 def build_network(name: str, **kwargs: Any) -> nn.Module:
@@ -19,4 +21,4 @@ def build_network(name: str, **kwargs: Any) -> nn.Module:
     return NETWORKS[name](**kwargs)
 
 
-__all__ = ["NETWORKS", "DhariwalUNet", "MLPDenoiser", "SongUNet", "build_network"]
+__all__ = ["NETWORKS", "DhariwalUNet", "EDM2UNet", "MLPDenoiser", "SongUNet", "build_network"]
