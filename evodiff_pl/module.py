@@ -40,6 +40,8 @@ from evodiff_pl.config import EMAConfig, EntropicConfig, OptimConfig, PerfConfig
 from evodiff_pl.dist import world
 from evodiff_pl.ema import ema_beta, update_ema
 from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss
+from evodiff_pl.head_schedule import head_schedule, trusted_range
+from evodiff_pl.losses import has_logvar_head
 from evodiff_pl.phema import PowerEMA, save_snapshot
 from evodiff_pl.precond import EDMLoss, EDMPrecond, LossOutput
 from evodiff_pl.seeding import derive_seed, rng_state, set_rng_state
@@ -140,6 +142,8 @@ class EDMModule(L.LightningModule):
         self.schedule_kind = entropic.kind
         self.schedule_every = entropic.update_every_steps
         self.entropic_schedule: EntropicSchedule | None = None
+        self.head_schedule: EntropicSchedule | None = None
+        """The rescaled entropic schedule of the EMA's log-variance head (EDM2 networks), rebuilt with the tracker's."""
         self.schedule_version = 0
         self.max_nonfinite_steps = train.max_nonfinite_steps
         self.nan_loss_steps = frozenset(train.nan_loss_steps)
@@ -357,8 +361,15 @@ class EDMModule(L.LightningModule):
             )
 
     def rebuild_schedule(self) -> None:
-        """Sync the tracker over ranks and rebuild the entropic schedule from it (call on every rank)."""
+        """Sync the tracker over ranks and rebuild the entropic schedule from it (call on every rank); also the
+        schedule of the EMA's log-variance head, if it has one."""
         self.tracker.sync()
+        if has_logvar_head(self.ema):
+            trusted = trusted_range(self.loss_fn.P_mean, self.loss_fn.P_std, self.sigma_min, self.sigma_max)
+            self.head_schedule = head_schedule(self.ema, kind=self.schedule_kind, sigma_min=self.sigma_min,
+                                               sigma_max=self.sigma_max, trusted=trusted,
+                                               dim=math.prod(self.sample_shape),
+                                               source={"images_seen": self.images_seen, "step": self.global_step})
         try:
             self.entropic_schedule = EntropicSchedule.from_loss_stats(
                 self.tracker, kind=self.schedule_kind, dim=math.prod(self.sample_shape),
