@@ -76,3 +76,19 @@ def test_resume_with_power_ema_is_exact(runs):
     for (_, _, pa), (_, _, pb) in zip(snaps_a, snaps_b):
         sa, sb = torch.load(pa, weights_only=True)["state_dict"], torch.load(pb, weights_only=True)["state_dict"]
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_head_schedule_and_posthoc_ema_reach_sample_py(runs, tmp_path):
+    from evodiff_pl.entropic import EntropicSchedule
+    from evodiff_pl.phema import main as phema_main
+    from evodiff_pl.sampling import main as sample_main
+
+    full, _ = runs
+    head = EntropicSchedule.load(full / "schedule_head.json")
+    assert head.source["method"] == "head" and head.sigma_range == (0.002, 80.0)
+    out = tmp_path / "s"
+    assert sample_main(["progress=false", f"ckpt={full}", "solver=euler", "schedule=head_rescaled_entropic,"
+                        "head_entropic,rescaled_entropic", "nfe=4", "seeds=0-3", f"outdir={out}", "format=npz"]) == 0
+    assert phema_main([f"run.dir={full}", "std=0.07", f"out={tmp_path / 'p.ckpt'}"]) == 0
+    assert sample_main(["progress=false", f"ckpt={tmp_path / 'p.ckpt'}", "solver=euler", "schedule=head_entropic",
+                        "nfe=4", "seeds=0-3", f"outdir={tmp_path / 'p'}", "format=npz"]) == 0
