@@ -117,8 +117,8 @@ def test_refuses_other_globals_naming_the_class(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("what,content,match", [
-    ("stylegan", "stylegan", r"'G', 'G_ema'.*StyleGAN.*expected an NVlabs edm pickle"),
-    ("edm2", "edm2", r"'ema' is an NVlabs 'Precond' \(edm2's network"),
+    ("stylegan", "stylegan", r"'G', 'G_ema'.*StyleGAN.*expected an NVlabs edm or edm2 pickle"),
+    ("other_precond", "other_precond", r"'ema' is an NVlabs 'EDM3Precond'; expected an NVlabs edm or edm2"),
     ("torch_zip", "zip", r"torch\.save zip archive"),
     ("legacy_torch", "legacy", r"legacy torch\.save"),
     ("truncated", "truncated", r"truncated or not a pickle"),
@@ -130,8 +130,8 @@ def test_other_kinds_get_one_clear_line(tmp_path: Path, fake_persistence: type, 
     if content == "stylegan":
         path.write_bytes(pickle.dumps({"G": fake_persistence("Generator"), "D": fake_persistence("Discriminator"),
                                        "G_ema": fake_persistence("Generator"), "training_set_kwargs": {}}))
-    elif content == "edm2":
-        path.write_bytes(pickle.dumps({"ema": fake_persistence("Precond"), "loss_fn": fake_persistence("EDM2Loss")}))
+    elif content == "other_precond":
+        path.write_bytes(pickle.dumps({"ema": fake_persistence("EDM3Precond"), "loss_fn": fake_persistence("Loss")}))
     elif content == "zip":
         torch.save({"w": torch.zeros(2)}, path)
     elif content == "legacy":

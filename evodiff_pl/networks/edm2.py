@@ -39,9 +39,11 @@ DEFAULTS: dict[str, Any] = dict(model_channels=192, channel_mult=(1, 2, 3, 4), n
 
 
 def normalize(x: Tensor, dim: Sequence[int] | int | None = None, eps: float = 1e-4) -> Tensor:
-    """x over (eps + ‖x‖/√(numel over dim)) along `dim` (all but the first by default): unit RMS; norm in float32."""
+    """x over (eps + ‖x‖/√(numel over dim)) along `dim` (all but the first by default): unit RMS; the norm in
+    float32 (float64 for float64 x)."""
     dims = list(range(1, x.ndim)) if dim is None else dim
-    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=dtype)
     norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 

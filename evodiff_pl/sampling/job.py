@@ -23,9 +23,9 @@ from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, build_fro
 from evodiff_pl.dist import world
 from evodiff_pl.fileio import atomic_write_text
 from evodiff_pl.generate import generate, rank_indices
-from evodiff_pl.images import to_uint8, write_pngs
+from evodiff_pl.images import from_uint8, to_uint8, write_pngs
 from evodiff_pl.metrics import FrechetScore, InceptionFeatures
-from evodiff_pl.nvlabs import read_mu_sigma_npz
+from evodiff_pl.nvlabs import StabilityVAEDecoder, VAEError, read_mu_sigma_npz
 from evodiff_pl.sampling.options import (
     DEVICES, MAX_SCORED, SCORES, SampleConfig, SampleError, check_choice, parse_seeds,
 )
@@ -79,14 +79,28 @@ def reference_stats(path: str, feature: str) -> dict[str, Any]:
     return stats
 
 
-def build_score(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.device) -> tuple[FrechetScore | None, Tensor]:
-    """The score with its reference statistics loaded (rank 0), and the seeds (by default one per reference
-    sample, at most MAX_SCORED, when scoring; 0-63 otherwise)."""
+def build_decoder(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.device) -> StabilityVAEDecoder | None:
+    """The VAE decoder of a latent EDM2 pickle (from `vae=`), None for a model of pixels."""
+    latent = loaded.meta.get("latent")
+    if latent is None:
+        return None
+    if cfg.vae is None:
+        raise SampleError(f"{loaded.path} is a latent EDM2 model ({latent['vae_name']} latents): pass vae=PATH, a "
+                          "local folder of that diffusers AutoencoderKL, to decode its samples")
+    try:
+        return StabilityVAEDecoder.load(latent, cfg.vae, device)
+    except VAEError as err:
+        raise SampleError(f"vae={cfg.vae}: {err}") from None
+
+
+def build_score(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.device,
+                shape: tuple[int, ...]) -> tuple[FrechetScore | None, Tensor]:
+    """The score of samples of `shape` with its reference statistics loaded (rank 0), and the seeds (by default
+    one per reference sample, at most MAX_SCORED, when scoring; 0-63 otherwise)."""
     check_choice("score", cfg.score, list(SCORES))
     feature = SCORES[cfg.score]
     if feature is None:
         return None, parse_seeds("0-63" if cfg.seeds is None else cfg.seeds)
-    shape = tuple(loaded.meta["sample_shape"])
     if feature == "inception" and len(shape) != 3:
         raise SampleError(f"score=fid_inception needs images; checkpoint {loaded.path} makes vectors of shape "
                           f"{shape} (use score=fd_pixels)")
@@ -125,6 +139,8 @@ class SamplingJob:
     outdir: Path | None = None
     formats: tuple[str, ...] = ()
     """The outputs to write: a subset of (png, npz)."""
+    decoder: StabilityVAEDecoder | None = None
+    """Latent models: turns the generated latents into uint8 images."""
 
 
 def build(cfg: SampleConfig) -> SamplingJob:
@@ -139,15 +155,20 @@ def build(cfg: SampleConfig) -> SamplingJob:
     device = resolve_device(cfg.device)
     loaded = load_denoiser(cfg.ckpt, ema=cfg.ema, map_location=device)
     if cfg.estimate_schedule:
+        if loaded.meta.get("latent") is not None:
+            raise SampleError(f"estimate_schedule=true on {loaded.path}: a latent EDM2 model needs its data as "
+                              "latents, which sample.py does not make")
         return SamplingJob(cfg, loaded, device)
+    decoder = build_decoder(cfg, loaded, device)
     rows = plans(cfg, loaded)
-    is_image = len(loaded.meta["sample_shape"]) == 3
-    formats = output_formats(cfg.format, is_image, cfg.score != "none")
-    score, seeds = build_score(cfg, loaded, device)
+    shape = tuple(loaded.meta["sample_shape"])
+    shape = decoder.image_shape(shape) if decoder is not None else shape
+    formats = output_formats(cfg.format, len(shape) == 3, cfg.score != "none")
+    score, seeds = build_score(cfg, loaded, device, shape)
     outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path)
     if world()[0] == 0:
         check_writable(outdir)
-    return SamplingJob(cfg, loaded, device, rows, seeds, score, outdir, formats)
+    return SamplingJob(cfg, loaded, device, rows, seeds, score, outdir, formats, decoder)
 
 
 def run_plan(job: SamplingJob, p: Plan) -> Result:
@@ -166,9 +187,11 @@ def run_plan(job: SamplingJob, p: Plan) -> Result:
             x = generate(job.loaded.denoiser, chunk, shape, solver=p.spec.solver, sigmas=p.sigmas, seed=0,
                          batch_size=cfg.batch, num_classes=meta["num_classes"], device=job.device,
                          **p.spec.generate_options)
+            if job.decoder is not None:  # latents -> uint8 pixels, scored as [-1, 1] images
+                x = from_uint8(job.decoder.decode(x))
             if job.score is not None:
                 job.score.update(x)
-            out = to_uint8(x).cpu() if len(shape) == 3 else x.float().cpu()
+            out = to_uint8(x).cpu() if x.ndim == 4 else x.float().cpu()
             if "png" in job.formats:
                 write_pngs(out, chunk, folder, cfg.per_folder)
             if "npz" in job.formats:

@@ -28,8 +28,8 @@ class SampleError(ValueError):
 @dataclass
 class SampleConfig:
     ckpt: Optional[str] = None
-    """Required: a train.py run directory (its newest checkpoint), a .ckpt file or an NVlabs edm network pickle
-    (.pkl: edm-*.pkl or network-snapshot-*.pkl; read without running its code)."""
+    """Required: a train.py run directory (its newest checkpoint), a .ckpt file or an NVlabs edm/edm2 network
+    pickle (.pkl: edm-*.pkl, edm2-img*.pkl or network-snapshot-*.pkl; read without running its code)."""
     ema: bool = True
     """Sample the EMA weights; false: the raw trained weights."""
     solver: str = "evodiff_consistent"
@@ -67,6 +67,9 @@ class SampleConfig:
     checkpoint that stores none (an NVlabs pickle): needed by estimate_schedule and by a score without stats."""
     stats_dir: Optional[str] = None
     """Cache of reference statistics; default $EVODIFF_STATS or ~/.cache/evodiff-pl/stats."""
+    vae: Optional[str] = None
+    """Latent EDM2 pickles (edm2-img512-*): local folder of the Stable Diffusion VAE that decodes the samples
+    (a diffusers AutoencoderKL, e.g. a copy of stabilityai/sd-vae-ft-mse); needs the diffusers package."""
     inception_weights: Optional[str] = None
     """Local InceptionV3 weights for fid_inception (needed offline); default: download once."""
     schedule_file: Optional[str] = None
