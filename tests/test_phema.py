@@ -36,7 +36,7 @@ def test_posthoc_coefficients_match_edm2():
 
 
 def test_lr_schedule_matches_edm2():
-    # edm2-img64-s: ref_lr 0.012, ref_batches 35000 of 2048 images, 10 M images of warm-up
+    # edm2-img64-xs: ref_lr 0.012, ref_batches 35000 of 2048 images, 10 M images of warm-up
     lrs = [lr_edm2(int(n), 0.012, 10_000_000, 35_000 * 2048) for n in REF["lr_nimg"]]
     np.testing.assert_allclose(lrs, REF["lr"], rtol=1e-12)
     assert lr_edm2(4 * 71_680_000, 0.012, 10_000_000, 71_680_000) == pytest.approx(0.006)  # 1/√4 by hand

@@ -92,3 +92,11 @@ def test_head_schedule_and_posthoc_ema_reach_sample_py(runs, tmp_path):
     assert phema_main([f"run.dir={full}", "std=0.07", f"out={tmp_path / 'p.ckpt'}"]) == 0
     assert sample_main(["progress=false", f"ckpt={tmp_path / 'p.ckpt'}", "solver=euler", "schedule=head_entropic",
                         "nfe=4", "seeds=0-3", f"outdir={tmp_path / 'p'}", "format=npz"]) == 0
+
+
+@pytest.mark.parametrize("name", ["gmm_edm2", "digits_edm2", "imagenet64_edm2"])
+def test_edm2_configs_validate(name):
+    from train_utils import ROOT
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert (cfg.loss.kind, cfg.model.precond, cfg.ema.kind, cfg.optim.schedule) == ("edm2", "edm2", "power", "edm2")
