@@ -4,7 +4,7 @@ dedicated pass's, on the 64-d Gaussian mixture (configs/gmm_edm2.yaml: the MLP o
 Curves q(σ) = λ(σ)·m(σ), each from its own source:
 
     exact          the mixture's exact MMSE (`GaussianMixture.mmse`, Rao-Blackwellised Monte Carlo)
-    head           e^{u(σ)} of the trained EMA's head, trusted on exp(P_mean ± 2 P_std), constant beyond
+    head           e^{u(σ)} of the trained EMA's head, trusted on exp(P_mean ± 2.5 P_std), constant beyond
     head_all       the same head believed over all of [σ_min, σ_max] (no trusted range)
     tracker        the σ-binned training loss (the checkpoint's schedule)
     pass           the dedicated pass on the trained EMA (`estimate_mmse`, K levels x M pairs)
@@ -88,6 +88,22 @@ def grid_table(schedules: dict[str, EntropicSchedule], nfes: list[int], smin: fl
     return lines
 
 
+def trust_table(loaded, exact: EntropicSchedule, nfes: list[int], ks: list[float]) -> list[str]:
+    """max |Δ ln σ| of the head's grids from the exact ones for trusted ranges exp(P_mean ± k P_std)."""
+    meta = loaded.meta
+    loss, smin, smax = meta["config"]["loss"], meta["sigma_min"], meta["sigma_max"]
+    kinds = ("rescaled_entropic", "entropic")
+    lines = ["| k | trusted σ | " + " | ".join(f"{kind} {n}" for kind in kinds for n in nfes) + " |",
+             "|---|---|" + "---|" * (len(kinds) * len(nfes))]
+    for k in ks:
+        lo, hi = trusted_range(loss["P_mean"], loss["P_std"], smin, smax, k)
+        head = head_schedule(loaded.denoiser, kind="rescaled_entropic", sigma_min=smin, sigma_max=smax, trusted=(lo, hi))
+        cells = [f"{(with_kind(head, kind).sigmas(n, smin, smax).log() - with_kind(exact, kind).sigmas(n, smin, smax).log()).abs().max().item():.3f}"
+                 for kind in kinds for n in nfes]
+        lines.append(f"| {k:g} | [{lo:.3g}, {hi:.3g}] | " + " | ".join(cells) + " |")
+    return lines
+
+
 def quality_table(args, loaded, gm, schedules) -> list[str]:
     meta = loaded.meta
     smin, smax = meta["sigma_min"], meta["sigma_max"]
@@ -138,12 +154,14 @@ def main() -> None:
     trusted = trusted_range(loss["P_mean"], loss["P_std"], meta["sigma_min"], meta["sigma_max"])
     text = ["# EDM2 head schedule on the 64-d Gaussian mixture\n",
             f"Checkpoint `{loaded.path}` ({meta.get('images_seen')} training images; EMA = first power profile). "
-            f"Head trusted on σ ∈ [{trusted[0]:.4g}, {trusted[1]:.4g}] (exp(P_mean ± 2 P_std), P_mean "
+            f"Head trusted on σ ∈ [{trusted[0]:.4g}, {trusted[1]:.4g}] (exp(P_mean ± 2.5 P_std), P_mean "
             f"{loss['P_mean']}, P_std {loss['P_std']}).\n",
             f"Command: `PYTHONPATH=. python {' '.join(sys.argv)}`\n",
             "## q(σ) = λ(σ)·m(σ) of each source relative to the exact one\n", *q_table(schedules, trusted), "",
             "## max |Δ ln σ| from the exact schedule's grid\n",
             *grid_table(schedules, args.nfe, meta["sigma_min"], meta["sigma_max"]), "",
+            "## The head's trusted range exp(P_mean ± k P_std): max |Δ ln σ| from the exact grids\n",
+            *trust_table(loaded, schedules["exact"], args.nfe, [1.5, 2, 2.5, 3, 3.5]), "",
             "## Sample quality (rescaled entropic grids; logsnr for reference): FD to data / RMSE to exact ODE endpoint\n"]
     print("\n".join(text), flush=True)
     text += quality_table(args, loaded, gm, schedules)

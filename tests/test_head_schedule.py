@@ -46,7 +46,7 @@ def test_optimal_head_gives_the_exact_mmse_schedule(kind):
 
 def test_head_is_trusted_inside_the_training_range_and_constant_beyond():
     lo, hi = trusted_range(-0.4, 1.0, 0.002, 80.0)
-    assert (lo, hi) == pytest.approx((math.exp(-2.4), math.exp(1.6)))
+    assert (lo, hi) == pytest.approx((math.exp(-2.9), math.exp(2.1)))  # ± 2.5 P_std
     assert trusted_range(-0.4, 3.0, 0.002, 80.0) == (0.002, 80.0)  # clipped to the sampling range
     head = head_schedule(OptimalHead(), kind="rescaled_entropic", sigma_min=0.002, sigma_max=80.0, trusted=(lo, hi))
     assert head.sigma_range == (0.002, 80.0)
