@@ -77,13 +77,17 @@ def q_table(schedules: dict[str, EntropicSchedule], trusted: tuple[float, float]
     return lines
 
 
+def grid_distance(a: EntropicSchedule, b: EntropicSchedule, kind: str, n: int, smin: float, smax: float) -> float:
+    """max |Δ ln σ| between the n-step `kind` grids of two curves."""
+    ga, gb = (with_kind(x, kind).sigmas(n, smin, smax).log() for x in (a, b))
+    return (ga - gb).abs().max().item()
+
+
 def grid_table(schedules: dict[str, EntropicSchedule], nfes: list[int], smin: float, smax: float) -> list[str]:
     lines = ["| kind | NFE (steps) | " + " | ".join(SOURCES[1:]) + " |", "|---|---|" + "---|" * (len(SOURCES) - 1)]
     for kind in ("rescaled_entropic", "entropic"):
         for n in nfes:
-            ref = with_kind(schedules["exact"], kind).sigmas(n, smin, smax).log()
-            cells = [f"{(with_kind(schedules[s], kind).sigmas(n, smin, smax).log() - ref).abs().max().item():.3f}"
-                     for s in SOURCES[1:]]
+            cells = [f"{grid_distance(schedules[s], schedules['exact'], kind, n, smin, smax):.3f}" for s in SOURCES[1:]]
             lines.append(f"| {kind} | {n} | " + " | ".join(cells) + " |")
     return lines
 
@@ -97,9 +101,9 @@ def trust_table(loaded, exact: EntropicSchedule, nfes: list[int], ks: list[float
              "|---|---|" + "---|" * (len(kinds) * len(nfes))]
     for k in ks:
         lo, hi = trusted_range(loss["P_mean"], loss["P_std"], smin, smax, k)
-        head = head_schedule(loaded.denoiser, kind="rescaled_entropic", sigma_min=smin, sigma_max=smax, trusted=(lo, hi))
-        cells = [f"{(with_kind(head, kind).sigmas(n, smin, smax).log() - with_kind(exact, kind).sigmas(n, smin, smax).log()).abs().max().item():.3f}"
-                 for kind in kinds for n in nfes]
+        head = head_schedule(loaded.denoiser, kind="rescaled_entropic", sigma_min=smin, sigma_max=smax,
+                             trusted=(lo, hi))
+        cells = [f"{grid_distance(head, exact, kind, n, smin, smax):.3f}" for kind in kinds for n in nfes]
         lines.append(f"| {k:g} | [{lo:.3g}, {hi:.3g}] | " + " | ".join(cells) + " |")
     return lines
 
@@ -162,7 +166,8 @@ def main() -> None:
             *grid_table(schedules, args.nfe, meta["sigma_min"], meta["sigma_max"]), "",
             "## The head's trusted range exp(P_mean ± k P_std): max |Δ ln σ| from the exact grids\n",
             *trust_table(loaded, schedules["exact"], args.nfe, [1.5, 2, 2.5, 3, 3.5]), "",
-            "## Sample quality (rescaled entropic grids; logsnr for reference): FD to data / RMSE to exact ODE endpoint\n"]
+            "## Sample quality (rescaled entropic grids; logsnr for reference): FD to data / RMSE to the exact ODE "
+            "endpoint\n"]
     print("\n".join(text), flush=True)
     text += quality_table(args, loaded, gm, schedules)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,9 @@
 `head_rescaled_entropic`).
 
 EDM2's loss per element, (λ(σ)/e^{u(σ)})·(D − x0)² + u(σ), is minimised over u at e^{u(σ)} = λ(σ)·E(D − x0)²,
-which is the curve q(σ) = λ(σ)·m(σ) that the loss tracker estimates (docs/method.md §3). So a trained head gives
-the schedule with no data and no sampling pass: q is e^u on a ln σ grid over the range the loss trained on, and
-constant beyond it (as the tracker's curve), since the head sees few samples there.
+the curve q(σ) = λ(σ)·m(σ) that the loss tracker estimates (docs/method.md §3). So a trained head gives the
+schedule with no data and no sampling pass: q is e^u on a ln σ grid over the range the loss trained on, and
+constant beyond it (as the tracker's curve), since the head sees few samples there (docs/edm2_training.md).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def lr_at(images_seen: int, lr: float, rampup_images: int) -> float:
 
 def lr_edm2(images_seen: int, lr: float, rampup_images: int, ref_images: int) -> float:
     """EDM2's learning rate: the warm-up of `lr_at`, divided by √(images_seen / ref_images) past ref_images."""
-    # EDM2 (Karras et al. 2024) eq. (27): α_ref / √(max(t / t_ref, 1)), t counted in images here; ref_images=0: no decay
+    # EDM2 training_loop.py learning_rate_schedule: ref_lr / sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
     decay = math.sqrt(max(images_seen / ref_images, 1.0)) if ref_images > 0 else 1.0
     return lr_at(images_seen, lr, rampup_images) / decay
 
@@ -307,7 +307,8 @@ class EDMModule(L.LightningModule):
         every = self.snapshot_every
         if self.power_ema is None or not every or self.snapshot_dir is None:
             return
-        if self.images_seen // every == (self.images_seen - self.global_batch) // every or not self.trainer.is_global_zero:
+        crossed = self.images_seen // every != (self.images_seen - self.global_batch) // every
+        if not crossed or not self.trainer.is_global_zero:
             return
         meta = {"format": FORMAT, "version": VERSION, **self.meta, "images_seen": self.images_seen,
                 "global_step": self.global_step,

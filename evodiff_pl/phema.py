@@ -67,7 +67,8 @@ def profile_dot(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndarr
 @dataclass(frozen=True)
 class Reconstruction:
     """Weights `coefficients[i]` of stored profile i (ending at `times[i]` with σ_rel `stds[i]`) that best
-    approximate the profile with σ_rel `std` ending at `time`; `residual` = ‖Σ c_i p_i − p‖ / ‖p‖ (L2 in τ)."""
+    approximate the profile with σ_rel `std` ending at `time`; `residual` = ‖Σ c_i p_i − p‖ / ‖p‖
+    (L2 in τ)."""
 
     coefficients: np.ndarray
     times: np.ndarray

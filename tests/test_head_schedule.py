@@ -54,7 +54,8 @@ def test_head_is_trusted_inside_the_training_range_and_constant_beyond():
     q_in = head.mmse(inside) * edm_loss_weight(inside)
     assert torch.allclose(q_in, edm_loss_weight(inside) * gaussian_mmse(inside), rtol=1e-3)
     for end, beyond in ((lo, [0.002, 0.01, lo / 1.5]), (hi, [hi * 1.5, 20.0, 80.0])):
-        q_end = edm_loss_weight(torch.tensor(end, dtype=torch.float64)) * gaussian_mmse(torch.tensor(end, dtype=torch.float64))
+        e = torch.tensor(end, dtype=torch.float64)
+        q_end = edm_loss_weight(e) * gaussian_mmse(e)
         s = torch.tensor(beyond, dtype=torch.float64)
         assert torch.allclose(head.mmse(s) * edm_loss_weight(s), q_end.expand(3), rtol=1e-9)
 

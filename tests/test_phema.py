@@ -1,5 +1,6 @@
-"""Power-function EMA: σ_rel ↔ γ, per-step decay and post-hoc coefficients against NVlabs edm2's numbers, the tracked
-EMA and its post-hoc reconstruction against closed forms on a scalar trajectory, and the command's one-line refusals."""
+"""Power-function EMA: σ_rel ↔ γ, per-step decay and post-hoc coefficients against NVlabs edm2's numbers, the
+tracked EMA and its post-hoc reconstruction against closed forms on a scalar trajectory, and the command's
+one-line refusals."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def theta(t: np.ndarray | float, t_end: float) -> np.ndarray:
 
 
 def continuous_phema(gamma: float, t: float, t_end: float) -> float:
-    """∫ (γ+1) τ^γ / t^(γ+1) θ(τ) dτ for θ above: a polynomial term c τ^k averages to c (γ+1)/(γ+k+1) t^k."""
+    """∫ (γ+1) τ^γ / t^(γ+1) θ(τ) dτ for θ above: a term c τ^k averages to c (γ+1)/(γ+k+1) t^k."""
     x = t / t_end
     return 1 - 2 * (gamma + 1) / (gamma + 2) * x + 3 * (gamma + 1) / (gamma + 4) * x**3
 

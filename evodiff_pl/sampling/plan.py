@@ -89,7 +89,8 @@ def plans(cfg: SampleConfig, loaded: LoadedCheckpoint) -> list[Plan]:
         raise SampleError(f"schedule={wanted[0]} needs a learned schedule but checkpoint {loaded.path} stores none "
                           "(trained too briefly?): pass schedule_file=... or make one with estimate_schedule=true")
     check_choice("protocol", cfg.protocol, PROTOCOLS)
-    rows = [plan(*combo, learned, loaded.meta, cfg.protocol, head) for combo in itertools.product(solvers, schedules, counts)]
+    rows = [plan(*combo, learned, loaded.meta, cfg.protocol, head)
+            for combo in itertools.product(solvers, schedules, counts)]
     valid = [p for p in rows if p.spec is not None]
     if len(rows) == 1 and not valid:
         raise SampleError(rows[0].reason)
