@@ -105,7 +105,7 @@ def test_latent_model_without_a_vae_gets_one_line(tmp_path: Path, monkeypatch: p
                                                   message: str) -> None:
     if not diffusers:
         monkeypatch.setitem(sys.modules, "diffusers", None)  # import fails
-    args = [f"ckpt={LATENT}", f"outdir={tmp_path}", "device=cpu", "progress=false"] + ([f"vae={tmp_path}"] if vae else [])
+    args = [f"ckpt={LATENT}", f"outdir={tmp_path}", "device=cpu", "progress=false", *([f"vae={tmp_path}"] * vae)]
     assert sampling.main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err

@@ -116,7 +116,7 @@ def test_cifar10_config_size() -> None:
 
 
 def test_registry_errors() -> None:
-    assert set(NETWORKS) == {"songunet", "dhariwalunet", "mlp"}
+    assert set(NETWORKS) == {"songunet", "dhariwalunet", "mlp", "edm2unet"}
     with pytest.raises(ValueError, match="dhariwalunet.*mlp.*songunet"):
         build_network("resnet")
     with pytest.raises(TypeError, match="widht"):

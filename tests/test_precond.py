@@ -243,6 +243,6 @@ def test_iddpm_uses_the_nearest_level_and_the_first_channels() -> None:
 
 
 def test_precond_registry() -> None:
-    assert set(PRECONDS) == {"edm", "vp", "ve", "iddpm"}
+    assert set(PRECONDS) == {"edm", "vp", "ve", "iddpm", "edm2"}
     with pytest.raises(ValueError, match="unknown precond 'vpp'"):
         build_precond("vpp", Zero())

@@ -89,8 +89,8 @@ def mp_conv(x: Tensor, weight: Tensor, gain: Tensor | float = 1) -> Tensor:
 
 
 class MPFourier(nn.Module):
-    """√2·cos(2π(f·x + φ)) with fixed f ~ N(0, bandwidth²), φ ~ U[0, 1) (EDM2 eq. (75)); buffers `freqs`, `phases`
-    hold 2πf and 2πφ. Computed in float32, returned in x's dtype."""
+    """√2·cos(2π(f·x + φ)) with fixed f ~ N(0, bandwidth²), φ ~ U[0, 1) (EDM2 eq. (75)); buffers `freqs`,
+    `phases` hold 2πf and 2πφ. Computed in float32, returned in x's dtype."""
 
     def __init__(self, num_channels: int, bandwidth: float = 1) -> None:
         super().__init__()
