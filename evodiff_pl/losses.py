@@ -15,8 +15,9 @@ from evodiff_pl.precond import EDMLoss, LossOutput, _compute_dtype, _per_sample
 
 
 class EDM2Loss(EDMLoss):
-    """EDM2 loss: per element (λ(σ)/e^{u(σ)})·(D − x0)² + u(σ), with u(σ) the network's log-variance head;
-    per sample the SUM over elements (eq. (21)), as EDM2's training loop backpropagates it.
+    """EDM2 loss: per element (λ(σ)/e^{u(σ)})·(D − x0)² + u(σ) (eq. (21)), with u(σ) the network's log-variance
+    head; per sample its mean over the elements, as `LossOutput.loss` is for EDM's loss (the training step scales
+    the batch mean by the element count, which gives EDM2's sum over a sample's elements).
 
     At the optimum over u, e^{u(σ)} = λ(σ)·E[(D − x0)²] per element: the q(σ) of the entropic schedule.
     The denoiser must accept `return_logvar=True` and then return (D, u) with u broadcastable to (B, 1, ...).
@@ -51,8 +52,8 @@ class EDM2Loss(EDMLoss):
         sq = (d.to(dtype) - x0.to(dtype)).square().reshape(batch, -1)
         u = logvar.to(dtype).reshape(batch, 1)
         weight = self.weight(sigma)
-        # eq. (21): per element λ(σ)/e^u · (D − x0)² + u, summed over the elements of a sample
-        loss = (weight.reshape(batch, 1) * (-u).exp() * sq + u).sum(dim=1)
+        # eq. (21): per element λ(σ)/e^u · (D − x0)² + u, averaged over the elements of a sample
+        loss = (weight.reshape(batch, 1) * (-u).exp() * sq + u).mean(dim=1)
         return LossOutput(loss=loss, sigma=sigma, mse=sq.detach().mean(dim=1), weight=weight)
 
 

@@ -30,7 +30,7 @@ def test_edm2_loss_by_hand():
     u = torch.tensor([0.3], requires_grad=True)
     out = EDM2Loss(sigma_data=0.5)(half_denoiser(u), x0, sigma=1.0, noise=noise)
     # x = x0 + σ n = (1.5, 1.0), D = (0.75, 0.5), (D − x0)² = (0.0625, 2.25), λ(1) = (1 + 0.25)/0.25 = 5
-    assert out.loss.item() == pytest.approx(5 * math.exp(-0.3) * 2.3125 + 2 * 0.3, rel=1e-6)
+    assert out.loss.item() == pytest.approx((5 * math.exp(-0.3) * 2.3125 + 2 * 0.3) / 2, rel=1e-6)  # per element
     assert out.mse.item() == pytest.approx(2.3125 / 2) and out.weight.item() == pytest.approx(5.0)
     # the optimum over u is e^u = λ · per-element MSE
     u_star = torch.tensor([math.log(5 * 2.3125 / 2)], requires_grad=True)
