@@ -35,8 +35,10 @@ class EDM2Loss(EDMLoss):
         sigma: Tensor | float | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
+        augment_labels: Tensor | None = None,
     ) -> LossOutput:
-        """Loss of `denoiser(x, sigma, labels, return_logvar=True)` on clean x0 (B, ...); arguments as EDMLoss."""
+        """Loss of `denoiser(x, sigma, labels, return_logvar=True[, augment_labels=...])` on clean x0 (B, ...);
+        arguments as EDMLoss (`augment_labels`: the augmentation's conditioning vector, None without one)."""
         batch = x0.shape[0]
         dtype = _compute_dtype(x0.dtype)
         if sigma is None:
@@ -48,7 +50,8 @@ class EDM2Loss(EDMLoss):
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
         s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
         x_sigma = (x0.to(dtype) + s * noise.to(dtype)).to(x0.dtype)
-        d, logvar = denoiser(x_sigma, sigma, labels, return_logvar=True)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        d, logvar = denoiser(x_sigma, sigma, labels, return_logvar=True, **extra)
         sq = (d.to(dtype) - x0.to(dtype)).square().reshape(batch, -1)
         u = logvar.to(dtype).reshape(batch, 1)
         weight = self.weight(sigma)
