@@ -9,6 +9,8 @@ on the digits' training split (`evodiff_pl.classifier`, fd_digits_cnn). Schedule
     karras, logsnr                     fixed grids
     rescaled_entropic_train            learned during training (stored in the checkpoint, = RUN/schedule.json)
     rescaled_entropic_pass             the dedicated pass (K levels x M pairs), written beside the checkpoint
+    head_rescaled_entropic             read off the log-variance head of an EDM2 model (configs/digits_edm2.yaml);
+                                       not in the default list (EDM models have no head)
 
 Also: the converged reference heun/karras at --ref-nfe (default 80 = 40 Heun steps, 2 NFE each, no final
 Euler step; EDM's "NFE 79" is 40 steps whose last step is a plain Euler step to sigma = 0) and the data floor
@@ -45,6 +47,7 @@ from evodiff_pl.metrics import FrechetScore, frechet_distance, gaussian_fit  # n
 SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "evodiff", "evodiff_consistent", "unipc", "ipndm",
            "edm_stochastic", "dpmpp_2m_sde"]
 SCHEDULES = ["karras", "logsnr", "rescaled_entropic_train", "rescaled_entropic_pass"]
+HEAD_SCHEDULES = ["head_rescaled_entropic", "head_entropic"]
 NFES = [5, 6, 8, 10, 12, 15, 20, 35]
 FIELDS = ["solver", "schedule", "nfe", "steps", "fd_pixels", "fd_digits_cnn", "seconds", "note"]
 REPO = Path(__file__).resolve().parent.parent
@@ -249,7 +252,7 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=Path("benchmarks/runs/digits_long"),
                    help="train.py run directory or checkpoint file (e.g. an export_weights copy)")
     p.add_argument("--solvers", nargs="+", default=SOLVERS)
-    p.add_argument("--schedules", nargs="+", default=SCHEDULES, choices=SCHEDULES)
+    p.add_argument("--schedules", nargs="+", default=SCHEDULES, choices=SCHEDULES + HEAD_SCHEDULES)
     p.add_argument("--nfe", type=int, nargs="+", default=NFES)
     p.add_argument("--ref-nfe", type=int, default=80, help="NFE of the converged heun/karras reference (0: none)")
     p.add_argument("--samples", type=int, default=1797, help="samples per setting (seeds 0..N-1)")

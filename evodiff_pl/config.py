@@ -75,6 +75,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    kind: str = "edm"
+    """edm: EDM's λ-weighted MSE; edm2: EDM2's learned-uncertainty loss (needs a network with a log-variance head,
+    model.precond=edm2), whose head u(σ) gives the head_* schedules."""
     P_mean: float = -1.2
     """Mean of ln σ in training (EDM)."""
     P_std: float = 1.2
@@ -91,6 +94,11 @@ class OptimConfig:
     """Adam ε."""
     lr_rampup_images: int = 10_000_000
     """Linear learning-rate warm-up length, in images seen."""
+    schedule: str = "edm"
+    """edm: constant after the warm-up; edm2: divided by √(images seen / ref_images) once past ref_images (EDM2)."""
+    ref_images: int = 0
+    """optim.schedule=edm2: images after which the inverse square-root decay starts (EDM2's ref_batches x batch
+    size); 0: no decay."""
 
 
 @dataclass
@@ -99,6 +107,14 @@ class EMAConfig:
     """EMA half-life in images seen."""
     rampup_ratio: Optional[float] = 0.05
     """Early in training the half-life is at most this fraction of the images seen; null disables."""
+    kind: str = "edm"
+    """edm: one EMA with the half-life above; power: EDM2's power-function EMA profiles, one per ema.stds (the first
+    is the EMA that is evaluated, sampled and exported as `ema.*`; halflife_images and rampup_ratio are unused)."""
+    stds: List[float] = field(default_factory=lambda: [0.05, 0.10])
+    """ema.kind=power: relative standard deviations of the tracked profiles, each in (0, 0.2887)."""
+    snapshot_every_images: int = 0
+    """ema.kind=power: write every profile to RUN/phema/ each time the images seen pass a multiple of this (for the
+    post-hoc EMA, `python -m evodiff_pl.phema`); 0: no snapshots."""
 
 
 @dataclass
@@ -222,6 +238,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.resume": ("auto", "never"),
     "entropic.kind": ("rescaled_entropic", "entropic"),
     "entropic.source": ("ema_eval", "train_loss"),
+    "loss.kind": ("edm", "edm2"),
+    "optim.schedule": ("edm", "edm2"),
+    "ema.kind": ("edm", "power"),
     "logger.kind": ("wandb", "csv", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "trainer.precision": ("32-true", "bf16-mixed", "16-mixed", "64-true"),
@@ -395,6 +414,16 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not 0 < value <= 1:
             raise ConfigError(f"{key} must be in (0, 1], got {value}")
+    if cfg.optim.ref_images < 0 or cfg.ema.snapshot_every_images < 0:
+        raise ConfigError("optim.ref_images and ema.snapshot_every_images must be >= 0")
+    if cfg.ema.kind == "power":
+        from evodiff_pl.phema import MAX_STD
+
+        bad = [s for s in cfg.ema.stds if not 0 < s < MAX_STD]
+        if not cfg.ema.stds or bad:
+            raise ConfigError(f"ema.stds={list(cfg.ema.stds)} must be a non-empty list of values in (0, {MAX_STD:.4f})")
+    elif cfg.ema.snapshot_every_images:
+        raise ConfigError("ema.snapshot_every_images needs ema.kind=power (snapshots of the power-function profiles)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {list(cfg.optim.betas)}")
     if cfg.train.max_nonfinite_steps < 0 or cfg.checkpoint.keep_every_steps < 0:

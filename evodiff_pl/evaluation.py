@@ -17,6 +17,8 @@ from torch import Tensor
 from evodiff_pl.generate import EvalSpec, generate, rank_indices
 from evodiff_pl.images import save_grid, to_uint8
 from evodiff_pl.metrics import FrechetScore, build_extractor
+from evodiff_pl.sampling.plan import with_kind
+from evodiff_pl.schedules import from_head, learned_kind
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ class SampleQualityCallback(L.Callback):
     and sends it to W&B when a WandbLogger is attached. A spec whose learned schedule does not exist
     yet is skipped with an info line; a failing spec is skipped with a warning and never stops training.
 
-    The LightningModule must expose `ema` (D(x, sigma[, labels])), `entropic_schedule` (or None),
+    The LightningModule must expose `ema` (D(x, sigma[, labels])), `entropic_schedule` (or None), `head_schedule`
+    (the schedule of an EDM2 head, for the head_* schedules; or None),
     `sample_shape`, `num_classes`, `sigma_min`, `sigma_max` and `images_seen`; the datamodule
     `shape`, `stats_key()` and `real_images(max_n)`. The reference statistics are prepared in `setup`.
     """
@@ -156,7 +159,12 @@ class SampleQualityCallback(L.Callback):
     def _sigmas(self, pl_module: L.LightningModule, spec: EvalSpec) -> Tensor | None:
         """The spec's grid, or None (with a message) when its learned schedule is missing or unusable."""
         learned = pl_module.entropic_schedule
-        if spec.needs_schedule and getattr(learned, "kind", None) != spec.schedule:
+        if from_head(spec.schedule) and getattr(pl_module, "head_schedule", None) is not None:
+            learned = with_kind(pl_module.head_schedule, learned_kind(spec.schedule))
+        elif from_head(spec.schedule):
+            rank_zero_info(f"skipping {spec.name}: the network has no log-variance head (model.precond=edm2)")
+            return None
+        if spec.needs_schedule and getattr(learned, "kind", None) != learned_kind(spec.schedule):
             have = "no learned schedule yet" if learned is None else f"the learned schedule is {learned.kind!r}"
             rank_zero_info(f"skipping {spec.name}: {have}")
             return None

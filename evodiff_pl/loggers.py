@@ -264,6 +264,8 @@ class ScheduleArtifacts(L.Callback):
         self._written = version
         if trainer.is_global_zero:
             pl_module.entropic_schedule.save(self.run_dir / "schedule.json")
+            if getattr(pl_module, "head_schedule", None) is not None:
+                pl_module.head_schedule.save(self.run_dir / "schedule_head.json")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -285,6 +287,9 @@ class ScheduleArtifacts(L.Callback):
             "entropic/loss_per_sigma": plot_loss_curve(pl_module.tracker),
             "entropic/schedule": plot_schedule(schedule, pl_module.sigma_min, pl_module.sigma_max, self.plot_nfe),
         }
+        if getattr(pl_module, "head_schedule", None) is not None:
+            figures["entropic/schedule_head"] = plot_schedule(pl_module.head_schedule, pl_module.sigma_min,
+                                                              pl_module.sigma_max, self.plot_nfe)
         for key, fig in figures.items():
             fig.savefig(plots / f"{key.split('/')[-1]}.png", dpi=100)
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]

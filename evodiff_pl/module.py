@@ -49,6 +49,9 @@ from evodiff_pl.config import EMAConfig, EntropicConfig, OptimConfig, PerfConfig
 from evodiff_pl.dist import world
 from evodiff_pl.ema import ema_beta, update_ema
 from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss
+from evodiff_pl.head_schedule import head_schedule, trusted_range
+from evodiff_pl.losses import has_logvar_head
+from evodiff_pl.phema import PowerEMA, save_snapshot
 from evodiff_pl.precond import EDMLoss, EDMPrecond, LossOutput
 from evodiff_pl.seeding import derive_seed, rng_state, set_rng_state
 
@@ -73,6 +76,13 @@ def tracker_decay(ema_decay: float | None, global_batch: int, ema_halflife_image
     """The tracker's per-step decay: `ema_decay`, or if None the decay whose half-life is that of the EMA weights, so
     that the loss curve averages the same recent stretch of training as the sampling network does."""
     return ema_beta(0, global_batch, ema_halflife_images, None) if ema_decay is None else float(ema_decay)
+
+
+def lr_edm2(images_seen: int, lr: float, rampup_images: int, ref_images: int) -> float:
+    """EDM2's learning rate: the warm-up of `lr_at`, divided by √(images_seen / ref_images) past ref_images."""
+    # EDM2 training_loop.py learning_rate_schedule: ref_lr / sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
+    decay = math.sqrt(max(images_seen / ref_images, 1.0)) if ref_images > 0 else 1.0
+    return lr_at(images_seen, lr, rampup_images) / decay
 
 
 def cpu_scalars(values: dict[str, float]) -> dict[str, Tensor]:
@@ -104,6 +114,7 @@ class EDMModule(L.LightningModule):
         train: TrainConfig | None = None,
         perf: PerfConfig | None = None,
         checkpoint_dir: str | Path | None = None,
+        snapshot_dir: str | Path | None = None,
         meta: dict[str, Any] | None = None,
         augment: float = 0.0,
     ) -> None:
@@ -120,6 +131,7 @@ class EDMModule(L.LightningModule):
                 Adam and its warm-up, EDM's EMA schedule, the tracker and its schedule, the non-finite-step limit.
             perf: channels-last weights and inputs, torch.compile of `net`, the device-side skip (module docstring).
             checkpoint_dir: where the checkpoint written before a non-finite stop goes.
+            snapshot_dir: the run directory; ema.kind=power snapshots go to its `phema/` (none if None).
             meta: stored verbatim in every checkpoint (resolved config, network and data description).
             augment: probability of EDM's geometric augmentation (`data.augment`, `evodiff_pl.augment`); 0 = off.
                 Its 9-d parameters go to `net` as `augment_labels`.
@@ -130,7 +142,9 @@ class EDMModule(L.LightningModule):
         self.automatic_optimization = False
         self.channels_last = perf.channels_last and len(sample_shape) == 3
         self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
-        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.power_ema = PowerEMA(self.net, ema.stds) if ema.kind == "power" else None
+        self.ema = self.power_ema.profiles[0] if self.power_ema is not None else (
+            copy.deepcopy(self.net).requires_grad_(False).eval())
         if perf.compile:
             self.net.compile()  # in place: the state_dict keys stay those of the eager module
         self.sync_free = perf.sync_free_step
@@ -144,8 +158,11 @@ class EDMModule(L.LightningModule):
         self.sigma_min, self.sigma_max = float(sigma_range[0]), float(sigma_range[1])
         self.adam = {"lr": float(optim.lr), "betas": tuple(float(b) for b in optim.betas), "eps": float(optim.eps)}
         self.lr_rampup_images = optim.lr_rampup_images
+        self.lr_ref_images = optim.ref_images if optim.schedule == "edm2" else None
         self.ema_halflife_images = ema.halflife_images
         self.ema_rampup_ratio = ema.rampup_ratio
+        self.snapshot_every = ema.snapshot_every_images
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         decay = tracker_decay(entropic.ema_decay, self.global_batch, ema.halflife_images)
         self.tracker = SigmaBinnedLoss(self.sigma_min, self.sigma_max, n_bins=entropic.n_bins,
                                        ema_decay=None if decay == 1 else decay, sigma_data=net.sigma_data)
@@ -155,6 +172,8 @@ class EDMModule(L.LightningModule):
         self.schedule_kind = entropic.kind
         self.schedule_every = entropic.update_every_steps
         self.entropic_schedule: EntropicSchedule | None = None
+        self.head_schedule: EntropicSchedule | None = None
+        """The rescaled entropic schedule of the EMA's log-variance head (EDM2 networks), rebuilt with the tracker's."""
         self.schedule_version = 0
         self.max_nonfinite_steps = train.max_nonfinite_steps
         self.nan_loss_steps = frozenset(train.nan_loss_steps)
@@ -173,6 +192,8 @@ class EDMModule(L.LightningModule):
         """Lightning toggles train/eval on the whole module; the EMA copy always stays in eval mode."""
         super().train(mode)
         self.ema.eval()
+        if self.power_ema is not None:
+            self.power_ema.eval()
         return self
 
     def on_train_start(self) -> None:
@@ -231,11 +252,12 @@ class EDMModule(L.LightningModule):
         # elements, averaged over the global batch (DDP averages the per-rank means of equal batches).
         self.manual_backward(per_sample.mean() * self.elements_per_sample)
         stats = self._reduce_step(per_sample)
-        lr = lr_at(self.images_seen, self.adam["lr"], self.lr_rampup_images)
+        lr = self.learning_rate()
         if self.sync_free:
             self._device_step(stats, lr, out if tracked is None else tracked)
         else:
             self._host_step(stats, lr, out if tracked is None else tracked, batch_sigmas)
+        self._snapshot_power_ema()
         final = self.global_step >= self.trainer.max_steps
         if final or self.batches_seen % self.schedule_every == 0:
             self.rebuild_schedule()
@@ -290,8 +312,7 @@ class EDMModule(L.LightningModule):
         opt.optimizer.found_inf = (~ok).float()  # fused Adam leaves weights, moments and step count alone if != 0
         opt.step()
         opt.zero_grad(set_to_none=True)
-        beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
-        update_ema(self.ema, self.net, beta, keep=ok)
+        self._update_ema(keep=ok)
         self.tracker.update(tracked.sigma, tracked.mse, tracked.weight, keep=ok)
         self._streak = self._streak.to(ok.device).add(1).mul(~ok)
         self._skipped = self._skipped.to(ok.device).add(~ok)
@@ -323,10 +344,40 @@ class EDMModule(L.LightningModule):
     def _update_averages(self, tracked: LossOutput) -> None:
         """After an applied step: the EMA weights and the per-σ loss tracker (with the per-sample losses of the
         tracker's source: the EMA pass or the training loss)."""
-        beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
-        update_ema(self.ema, self.net, beta)
+        self._update_ema()
         self.tracker.update(tracked.sigma, tracked.mse, tracked.weight)
         self.nonfinite_streak = 0
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next step (optim.schedule), a function of the images seen."""
+        if self.lr_ref_images is None:
+            return lr_at(self.images_seen, self.adam["lr"], self.lr_rampup_images)
+        return lr_edm2(self.images_seen, self.adam["lr"], self.lr_rampup_images, self.lr_ref_images)
+
+    def _update_ema(self, keep: Tensor | None = None) -> None:
+        """One EMA step for the batch being applied (before `images_seen` counts it); `keep` as `update_ema`."""
+        if self.power_ema is None:
+            beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
+            update_ema(self.ema, self.net, beta, keep=keep)
+            return
+        betas = self.power_ema.betas(self.images_seen + self.global_batch, self.global_batch)
+        for profile, beta in zip(self.power_ema.profiles, betas):
+            update_ema(profile, self.net, beta, keep=keep)
+
+    def _snapshot_power_ema(self) -> None:
+        """Write every power-EMA profile to RUN/phema when this batch took the images seen past a multiple of
+        ema.snapshot_every_images (rank 0; the profiles are the same on every rank)."""
+        every = self.snapshot_every
+        if self.power_ema is None or not every or self.snapshot_dir is None:
+            return
+        crossed = self.images_seen // every != (self.images_seen - self.global_batch) // every
+        if not crossed or not self.trainer.is_global_zero:
+            return
+        meta = {"format": FORMAT, "version": VERSION, **self.meta, "images_seen": self.images_seen,
+                "global_step": self.global_step,
+                "schedule": self.entropic_schedule.to_dict() if self.entropic_schedule is not None else None}
+        for std, profile in zip(self.power_ema.stds, self.power_ema.profiles):
+            save_snapshot(self.snapshot_dir, self.images_seen, std, profile, meta)
 
     def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
         """Log the step's numbers (at logging steps), as CPU tensors so that Lightning never reads the device."""
@@ -374,8 +425,15 @@ class EDMModule(L.LightningModule):
             )
 
     def rebuild_schedule(self) -> None:
-        """Sync the tracker over ranks and rebuild the entropic schedule from it (call on every rank)."""
+        """Sync the tracker over ranks and rebuild the entropic schedule from it (call on every rank); also the
+        schedule of the EMA's log-variance head, if it has one."""
         self.tracker.sync()
+        if has_logvar_head(self.ema):
+            trusted = trusted_range(self.loss_fn.P_mean, self.loss_fn.P_std, self.sigma_min, self.sigma_max)
+            self.head_schedule = head_schedule(self.ema, kind=self.schedule_kind, sigma_min=self.sigma_min,
+                                               sigma_max=self.sigma_max, trusted=trusted,
+                                               dim=math.prod(self.sample_shape),
+                                               source={"images_seen": self.images_seen, "step": self.global_step})
         try:
             self.entropic_schedule = EntropicSchedule.from_loss_stats(
                 self.tracker, kind=self.schedule_kind, dim=math.prod(self.sample_shape),

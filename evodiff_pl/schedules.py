@@ -29,16 +29,33 @@ def logsnr(n_steps: int, sigma_min: float, sigma_max: float) -> Tensor:
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), n_steps + 1, dtype=torch.float64).exp()
 
 
-def _learned(kind: str) -> Callable[..., Tensor]:
+HEAD_PREFIX = "head_"
+"""Schedule names with this prefix are built from an EDM2 network's log-variance head (`evodiff_pl.head_schedule`)."""
+
+
+def from_head(name: str) -> bool:
+    """Whether schedule `name` is read off the network's log-variance head rather than the tracked loss."""
+    return name.startswith(HEAD_PREFIX)
+
+
+def learned_kind(name: str) -> str:
+    """The EntropicSchedule kind (entropic or rescaled_entropic) of a learned schedule name."""
+    return name[len(HEAD_PREFIX):] if from_head(name) else name
+
+
+def _learned(name: str) -> Callable[..., Tensor]:
+    kind = learned_kind(name)
+
     def grid(n_steps: int, sigma_min: float, sigma_max: float, schedule: LearnedSchedule | None = None) -> Tensor:
         if schedule is None:
-            raise ValueError(f"schedule {kind!r} needs a learned schedule: get_sigmas({kind!r}, n, schedule=...)"
+            raise ValueError(f"schedule {name!r} needs a learned schedule: get_sigmas({name!r}, n, schedule=...)"
                              " (an EntropicSchedule, e.g. from a checkpoint's schedule file)")
         if schedule.kind != kind:
-            raise ValueError(f"schedule {kind!r} was asked for but the given schedule is {schedule.kind!r}")
+            raise ValueError(f"schedule {name!r} was asked for but the given schedule is {schedule.kind!r}")
         return schedule.sigmas(n_steps, sigma_min=sigma_min, sigma_max=sigma_max)
 
-    grid.__doc__ = f"The {kind} schedule learned from a denoiser's per-level loss (docs/method.md §3)."
+    source = "an EDM2 network's log-variance head" if from_head(name) else "a denoiser's per-level loss"
+    grid.__doc__ = f"The {kind} schedule learned from {source} (docs/method.md §3)."
     return grid
 
 
@@ -47,6 +64,8 @@ SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "logsnr": logsnr,
     "entropic": _learned("entropic"),
     "rescaled_entropic": _learned("rescaled_entropic"),
+    "head_entropic": _learned("head_entropic"),
+    "head_rescaled_entropic": _learned("head_rescaled_entropic"),
 }
 
 

@@ -38,7 +38,8 @@ from evodiff_pl.loggers import (PlainProgress, ScheduleArtifacts, StepProgressBa
 from evodiff_pl.metrics import InceptionWeightsError
 from evodiff_pl.module import EDMModule, NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
-from evodiff_pl.precond import EDMLoss, build_precond
+from evodiff_pl.losses import LOSSES, has_logvar_head
+from evodiff_pl.precond import build_precond
 from evodiff_pl.resume import (
     STOP, AtomicCheckpointIO, PeriodicCheckpoint, Preempted, Preemption, ResumePoint, RunLock, RunLockedError,
     mark_completed, resume_checkpoint,
@@ -147,6 +148,9 @@ def build(cfg: DictConfig) -> TrainingRun:
     backbone = construct("model.net", build_network, cfg.model.network, **net_kwargs)
     precond = {"name": cfg.model.precond, "kwargs": {"sigma_data": cfg.model.sigma_data}}
     net = construct("model.precond", build_precond, precond["name"], backbone, **precond["kwargs"])
+    if cfg.loss.kind == "edm2" and not has_logvar_head(net):
+        raise ConfigError(f"loss.kind=edm2 needs a network with a log-variance head; model.precond="
+                          f"{cfg.model.precond!r} has none (use model.precond=edm2)")
     meta = {
         "config": config,
         "network": {"name": cfg.model.network, "kwargs": net_kwargs}, "precond": precond,
@@ -156,12 +160,12 @@ def build(cfg: DictConfig) -> TrainingRun:
         "config_history": resume.history if resume is not None else [],
     }
     module = EDMModule(
-        net, EDMLoss(cfg.loss.P_mean, cfg.loss.P_std, cfg.model.sigma_data),
+        net, LOSSES[cfg.loss.kind](cfg.loss.P_mean, cfg.loss.P_std, cfg.model.sigma_data),
         sample_shape=shape, num_classes=num_classes, global_batch=cfg.data.batch_size, seed=cfg.run.seed,
         sigma_range=(cfg.model.sigma_min, cfg.model.sigma_max), optim=OmegaConf.to_object(cfg.optim),
         ema=OmegaConf.to_object(cfg.ema), entropic=OmegaConf.to_object(cfg.entropic),
-        train=OmegaConf.to_object(cfg.train), perf=OmegaConf.to_object(cfg.perf), checkpoint_dir=ckpt_dir, meta=meta,
-        augment=datamodule.augment,
+        train=OmegaConf.to_object(cfg.train), perf=OmegaConf.to_object(cfg.perf), checkpoint_dir=ckpt_dir,
+        snapshot_dir=run_dir, meta=meta, augment=datamodule.augment,
     )
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # ranks from SLURM; pre-emption is `Preemption`'s, not Lightning's requeue

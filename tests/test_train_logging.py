@@ -6,6 +6,7 @@ import csv
 import logging
 import re
 import socket
+import time
 
 import pytest
 from train_utils import DIGITS, GMM, tiny_gmm, train_in_process
@@ -73,9 +74,20 @@ def test_wandb_offline_writes_under_run_dir_and_resume_keeps_the_run(no_wandb_lo
     assert all(list(r.glob("*.wandb")) for r in runs)
 
 
-def wandb_records(run_dir):
-    """The protobuf records of the offline W&B run files under run_dir (LevelDB log format: 32 KiB blocks of
-    records with a 7-byte header, after a 7-byte file header)."""
+def wandb_records(run_dir, timeout: float = 60.0):
+    """The protobuf records of the offline W&B run files under run_dir, once W&B's service process has written
+    the run's last record (`exit`): it writes the file asynchronously, also after `wandb.finish()` returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _read_wandb_records(run_dir)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _read_wandb_records(run_dir):
+    """The records now in the offline W&B run files (LevelDB log format: 32 KiB blocks of records with a 7-byte
+    header, after a 7-byte file header)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     records = []

@@ -13,7 +13,8 @@ from evodiff_pl.checkpointing import LoadedCheckpoint
 from evodiff_pl.entropic import EntropicSchedule
 from evodiff_pl.generate import PROTOCOLS, EvalSpec, needs_learned_schedule
 from evodiff_pl.sampling.options import SampleConfig, SampleError, check_choice, names, nfes
-from evodiff_pl.schedules import SCHEDULES
+from evodiff_pl.head_schedule import head_schedule_of_checkpoint
+from evodiff_pl.schedules import SCHEDULES, from_head, learned_kind
 from evodiff_pl.solvers import SOLVERS
 
 
@@ -54,12 +55,22 @@ class Plan:
     reason: str = ""
 
 
+def head_schedule(loaded: LoadedCheckpoint) -> EntropicSchedule:
+    """The schedule of the checkpoint's log-variance head (schedules head_*); SampleError if it has no head."""
+    try:
+        return head_schedule_of_checkpoint(loaded.denoiser, loaded.meta, "rescaled_entropic")
+    except (ValueError, KeyError) as err:
+        raise SampleError(f"checkpoint {loaded.path}: {err}") from None
+
+
 def plan(solver: str, schedule: str, nfe: int, learned: EntropicSchedule | None, meta: dict[str, Any],
-         protocol: str = "default") -> Plan:
-    """The spec and sigma grid of one setting, or a Plan with the reason it is invalid."""
+         protocol: str = "default", head: EntropicSchedule | None = None) -> Plan:
+    """The spec and sigma grid of one setting, or a Plan with the reason it is invalid; `head` is the schedule of
+    the network's log-variance head, used by the head_* schedules."""
     try:
         spec = EvalSpec(solver, schedule, nfe, protocol)
-        sched = with_kind(learned, schedule) if spec.needs_schedule else None
+        source = head if from_head(schedule) else learned
+        sched = with_kind(source, learned_kind(schedule)) if spec.needs_schedule else None
         return Plan(solver, schedule, nfe, spec, spec.sigmas(meta["sigma_min"], meta["sigma_max"], sched))
     except ValueError as err:
         return Plan(solver, schedule, nfe, reason=str(err))
@@ -71,13 +82,15 @@ def plans(cfg: SampleConfig, loaded: LoadedCheckpoint) -> list[Plan]:
     solvers = names("solver", cfg.solver, list(SOLVERS))
     schedules = names("schedule", cfg.schedule, list(SCHEDULES))
     counts = nfes(cfg.nfe)
-    wanted = [s for s in schedules if needs_learned_schedule(s)]
+    wanted = [s for s in schedules if needs_learned_schedule(s) and not from_head(s)]
+    head = head_schedule(loaded) if any(from_head(s) for s in schedules) else None
     learned = learned_schedule(cfg, loaded) if wanted or cfg.schedule_file is not None else None
     if wanted and learned is None:
         raise SampleError(f"schedule={wanted[0]} needs a learned schedule but checkpoint {loaded.path} stores none "
                           "(trained too briefly?): pass schedule_file=... or make one with estimate_schedule=true")
     check_choice("protocol", cfg.protocol, PROTOCOLS)
-    rows = [plan(*combo, learned, loaded.meta, cfg.protocol) for combo in itertools.product(solvers, schedules, counts)]
+    rows = [plan(*combo, learned, loaded.meta, cfg.protocol, head)
+            for combo in itertools.product(solvers, schedules, counts)]
     valid = [p for p in rows if p.spec is not None]
     if len(rows) == 1 and not valid:
         raise SampleError(rows[0].reason)
