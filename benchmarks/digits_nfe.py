@@ -194,7 +194,7 @@ def report(args: argparse.Namespace, features, accuracy: float) -> None:
         f"Model: `{ckpt}` (EMA weights), {args.samples} samples per setting (seeds 0-{args.samples - 1}), "
         f"each scored against all 1,797 digits. Sampling time of all rows: {total / 60:.1f} min on 1 CPU thread.\n",
         f"Command: `{args.command}` (the sweep commands that made the rows: benchmarks/README.md)\n",
-        f"- fd_pixels: Fréchet distance on the 64 uint8 pixel values (`sample.py score=fd_pixels`).",
+        "- fd_pixels: Fréchet distance on the 64 uint8 pixel values (`sample.py score=fd_pixels`).",
         f"- fd_digits_cnn: Fréchet distance on the 128-d penultimate features of `evodiff_pl.classifier.DigitsCNN` "
         f"(trained on 1,347 digits, test accuracy {accuracy:.2%} on the other 450).",
         f"- reference: heun / karras at NFE {args.ref_nfe} ({args.ref_nfe // 2} Heun steps, no final Euler step; "

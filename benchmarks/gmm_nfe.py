@@ -22,7 +22,6 @@ endpoints (the best any solver can do with the exact denoiser) and of fresh data
 from __future__ import annotations
 
 import argparse
-import math
 import subprocess
 import sys
 import tempfile

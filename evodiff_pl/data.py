@@ -38,9 +38,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
 from evodiff_pl.downloads import download_timeout
-from evodiff_pl.image_files import (  # noqa: F401  (IMAGE_EXTENSIONS, the errors: re-exported)
-    IMAGE_EXTENSIONS, DataError, DatasetNotFoundError, ImageFiles, ImageFilesDataset,
-)
+from evodiff_pl.image_files import DataError, DatasetNotFoundError, ImageFiles, ImageFilesDataset
 from evodiff_pl.images import from_uint8, to_uint8
 from evodiff_pl.seeding import derive_seed
 from evodiff_pl.toy import GaussianMixture
@@ -404,7 +402,8 @@ class ImageFolderDataModule(_ImageDataModule):
     ) -> None:
         """
         Args:
-            root: the folder or .zip file; files with an extension in IMAGE_EXTENSIONS are used, in sorted path order.
+            root: the folder or .zip file; files with an extension in image_files.IMAGE_EXTENSIONS are used, in
+                sorted path order.
             resolution: side of the square images (centre crop, then Lanczos resize as EDM's dataset_tool).
             channels: 1 (greyscale) or 3 (RGB).
             labels: the class labels of edm's dataset.json when the root holds one (num_classes = largest + 1), else

@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
     unknown = sorted(set(args) - {"run.dir", "std", "out", "images", "tol"})
     if unknown or "run.dir" not in args or "std" not in args:
-        print(f"error: usage: python -m evodiff_pl.phema run.dir=RUN std=S [out=PATH] [images=N] [tol=T]"
+        print("error: usage: python -m evodiff_pl.phema run.dir=RUN std=S [out=PATH] [images=N] [tol=T]"
               + (f" (unknown key {unknown[0]})" if unknown else ""), file=sys.stderr)
         return 2
     try:

@@ -29,12 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from evodiff_pl.augment import AUGMENT_DIM
 from evodiff_pl.checkpointing import CheckpointError
-from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, signature_params, to_dict, usage
+from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, to_dict, usage
 from evodiff_pl.data import DataError, DatasetNotFoundError, DiffusionDataModule, build_from_config
 from evodiff_pl.fileio import atomic_write_text, remove_stale_temps
 from evodiff_pl.evaluation import SampleQualityCallback
 from evodiff_pl.loggers import (PlainProgress, ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb,
                                 is_terminal, use_kimg_axis)
+from evodiff_pl.keys import signature_params
 from evodiff_pl.metrics import InceptionWeightsError
 from evodiff_pl.module import EDMModule, NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network

@@ -13,7 +13,8 @@ import tomllib
 import pytest
 from train_utils import DIGITS, GMM, ROOT, tiny_gmm, train_in_process
 
-from evodiff_pl.config import Config, key_docs
+from evodiff_pl.config import Config
+from evodiff_pl.keys import key_docs
 from evodiff_pl.training import main
 
 
@@ -93,7 +94,8 @@ def test_package_lists_every_subpackage_and_declares_what_it_imports():
     packages = set(project["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "evodiff_pl").rglob("__init__.py")}
     assert packages == on_disk | {"evodiff_pl.configs"}
-    declared = {re.split(r"[<>=!~ \[]", d)[0].lower() for d in project["project"]["dependencies"]}
+    requirements = [*project["project"]["dependencies"], *sum(project["project"]["optional-dependencies"].values(), [])]
+    declared = {re.split(r"[<>=!~ \[]", d)[0].lower() for d in requirements}
     import_names = {"PIL": "pillow", "sklearn": "scikit-learn", "torch_fidelity": "torch-fidelity"}
     imported = set()
     for path in [*(ROOT / "evodiff_pl").rglob("*.py"), ROOT / "train.py", ROOT / "sample.py"]:
