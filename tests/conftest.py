@@ -1,3 +1,5 @@
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -28,3 +30,29 @@ def reference_mixture(reference):
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def fake_persistence(monkeypatch: pytest.MonkeyPatch) -> type:
+    """A class whose instances pickle as NVlabs edm/edm2 persistence records (`Record(class_name, source, **state)`
+    -> the same opcodes), for hand-made pickles around arbitrary source and class names."""
+    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta: dict) -> None:
+        raise AssertionError("never called while pickling")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    pkg.persistence = mod
+    monkeypatch.setitem(sys.modules, "torch_utils", pkg)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
+
+    class Record:
+        def __init__(self, class_name: str, source: str = "", **state: object) -> None:
+            self.meta = dict(type="class", version=6, module_src=source, class_name=class_name, state=state)
+
+        def __reduce__(self) -> tuple:
+            return (_reconstruct_persistent_obj, (self.meta,))
+
+    return Record

@@ -17,7 +17,6 @@ import torch
 from evodiff_pl import sampling
 from evodiff_pl.checkpointing import load_denoiser
 from evodiff_pl.nvlabs import NVlabsPickleError, StabilityVAEDecoder
-from test_nvlabs import fake_persistence  # noqa: F401  (the fixture)
 
 DATA = Path(__file__).parent / "data"
 REF = np.load(DATA / "edm2_outputs.npz")

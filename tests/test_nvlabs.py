@@ -4,8 +4,6 @@ files are refused with one line naming what was found."""
 from __future__ import annotations
 
 import pickle
-import sys
-import types
 from collections import OrderedDict
 from pathlib import Path
 
@@ -64,31 +62,6 @@ def test_multi_head_block_matches_edm() -> None:
 
 
 # --- hand-made NVlabs-style pickles (persistence records around arbitrary source and class names) -----------
-
-@pytest.fixture
-def fake_persistence(monkeypatch: pytest.MonkeyPatch) -> type:
-    """A class whose instances pickle as edm's persistence records: `Record(meta)` -> the same opcodes."""
-    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-
-    def _reconstruct_persistent_obj(meta: dict) -> None:
-        raise AssertionError("never called while pickling")
-
-    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    pkg.persistence = mod
-    monkeypatch.setitem(sys.modules, "torch_utils", pkg)
-    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
-
-    class Record:
-        def __init__(self, class_name: str, source: str = "", **state: object) -> None:
-            self.meta = dict(type="class", version=6, module_src=source, class_name=class_name, state=state)
-
-        def __reduce__(self) -> tuple:
-            return (_reconstruct_persistent_obj, (self.meta,))
-
-    return Record
-
 
 def test_embedded_source_never_runs(tmp_path: Path, fake_persistence: type) -> None:
     marker = tmp_path / "side_effect.txt"

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from train_utils import GMM, load, tiny_gmm, train_in_process
+from train_utils import GMM, assert_equal, load, tiny_gmm, train_in_process
 
 from evodiff_pl.checkpointing import CheckpointError, export_weights, load_denoiser, newest_checkpoint
 from evodiff_pl.entropic import EntropicSchedule
@@ -28,32 +28,17 @@ def runs(tmp_path_factory):
     return full, split, first_half, resumed
 
 
-def _assert_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def test_resume_is_exact(runs):
     full, split, first_half, resumed = runs
     assert resumed.ckpt_path == split / "checkpoints" / "last.ckpt"
     assert first_half["global_step"] == 3
     a, b = load(full / "checkpoints" / "last.ckpt"), load(split / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 6
-    _assert_equal(a["state_dict"], b["state_dict"], "state_dict")  # net.* and ema.*
-    _assert_equal(a["optimizer_states"], b["optimizer_states"], "optimizer")
+    assert_equal(a["state_dict"], b["state_dict"], "state_dict")  # net.* and ema.*
+    assert_equal(a["optimizer_states"], b["optimizer_states"], "optimizer")
     ea, eb = a["evodiff"], b["evodiff"]
     for key in ("tracker", "schedule", "images_seen", "batches_seen", "nonfinite_streak", "rng"):
-        _assert_equal(ea[key], eb[key], key)
+        assert_equal(ea[key], eb[key], key)
     assert ea["images_seen"] == 384 and ea["schedule"] is not None
     assert not torch.equal(first_half["state_dict"]["net.backbone.inp.weight"], a["state_dict"]["net.backbone.inp.weight"])
 
@@ -66,7 +51,7 @@ def test_checkpoint_holds_config_and_loads_for_sampling(runs):
     assert (full / "config.yaml").read_text().count("hidden: 16") == 1
     loaded = load_denoiser(full)  # a run directory, as sample.py gets it
     ema = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
-    _assert_equal(loaded.denoiser.state_dict(), ema)
+    assert_equal(loaded.denoiser.state_dict(), ema)
     assert loaded.schedule.to_dict() == EntropicSchedule.load(full / "schedule.json").to_dict() == meta["schedule"]
     x = torch.randn(4, 8)
     assert loaded.denoiser(x, torch.full((4,), 1.0)).shape == (4, 8)
@@ -79,12 +64,12 @@ def test_exported_weights_sample_like_the_checkpoint(runs, tmp_path):
     out = export_weights(full, tmp_path / "ema.ckpt")
     assert out.stat().st_size < (full / "checkpoints" / "last.ckpt").stat().st_size / 2
     a, b = load_denoiser(full), load_denoiser(out)
-    _assert_equal(a.denoiser.state_dict(), b.denoiser.state_dict())
+    assert_equal(a.denoiser.state_dict(), b.denoiser.state_dict())
     assert a.schedule.to_dict() == b.schedule.to_dict() and a.meta["network"] == b.meta["network"]
     with pytest.raises(CheckpointError, match="holds no 'net.' weights.*ema=True"):
         load_denoiser(out, ema=False)
     raw = load_denoiser(export_weights(full, tmp_path / "raw.ckpt", ema=False), ema=False)
-    _assert_equal(raw.denoiser.state_dict(), load_denoiser(full, ema=False).denoiser.state_dict())
+    assert_equal(raw.denoiser.state_dict(), load_denoiser(full, ema=False).denoiser.state_dict())
 
 
 def test_newest_of_last_and_hpc_checkpoint(runs, tmp_path):
@@ -153,5 +138,5 @@ def test_checkpoint_from_before_the_loss_scale_resumes_with_scaled_moments(tmp_p
     train_in_process(GMM, tiny_gmm(split, *RESUME, f"run.resume={tmp_path / 'old.ckpt'}"))
     a, b = load(full / "checkpoints" / "last.ckpt"), load(split / "checkpoints" / "last.ckpt")
     assert b["global_step"] == 6 and b["evodiff"]["loss_scale"] == "sum_over_elements"
-    _assert_equal(a["state_dict"], b["state_dict"], "state_dict")
-    _assert_equal(a["optimizer_states"], b["optimizer_states"], "optimizer")
+    assert_equal(a["state_dict"], b["state_dict"], "state_dict")
+    assert_equal(a["optimizer_states"], b["optimizer_states"], "optimizer")

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 GMM = ROOT / "configs" / "gmm.yaml"
 DIGITS = ROOT / "configs" / "digits.yaml"
+DIGITS_EDM2 = ROOT / "configs" / "digits_edm2.yaml"
 
 
 def tiny_gmm(run_dir: Path, *overrides: str) -> list[str]:
@@ -24,6 +25,18 @@ def tiny_gmm(run_dir: Path, *overrides: str) -> list[str]:
         "entropic.eval_fraction=1",  # the tracker sees every sample: enough for a schedule after a few steps
         "checkpoint.every_steps=1000", "logger.kind=none", "evaluation.enabled=false",
         "trainer.progress_bar=false", "trainer.val_every_steps=1000", *overrides,
+    ]
+
+
+def tiny_digits_edm2(run_dir: Path, *overrides: str) -> list[str]:
+    """Overrides of configs/digits_edm2.yaml for a small, fast run: the full EDM2 U-Net (every layer an MPConv with
+    forced weight normalisation, one attention block at 4x4) at 16 channels, steps of 16 digits, no logger."""
+    return [
+        f"run.dir={run_dir}", "data.batch_size=16", "train.total_images=96", "model.net.model_channels=16",
+        "model.net.channel_mult=[1,2]", "model.net.attn_resolutions=[4]", "model.net.channels_per_head=16",
+        "optim.lr_rampup_images=32", "optim.ref_images=32", "ema.snapshot_every_images=32",
+        "entropic.update_every_steps=2", "checkpoint.every_steps=1000", "logger.kind=none",
+        "evaluation.enabled=false", "trainer.progress_bar=false", "trainer.val_every_steps=1000", *overrides,
     ]
 
 
@@ -44,3 +57,19 @@ def train_subprocess(config: Path, overrides: list[str], timeout: float = 300) -
 
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_equal(a, b, where: str = "") -> None:
+    """a == b, tensors bit for bit, through nested dicts, lists and tuples; `where` names the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

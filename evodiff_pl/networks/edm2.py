@@ -106,8 +106,9 @@ class MPConv(nn.Module):
     """Magnitude-preserving linear layer (kernel ()) or k x k convolution, no bias, parameter `weight` ~ N(0, 1).
 
     In training mode every call first overwrites the weight with its normalised value (forced weight
-    normalisation, EDM2 eq. (66)); a float32 weight is then the very tensor used for the output, which is thus
-    computed from the freshly normalised weight, as in edm2."""
+    normalisation, EDM2 eq. (66)); the output is then computed from that very tensor, the freshly normalised
+    weight, as in edm2. The weight is used in float32 (edm2's precision, also for float16/bfloat16 weights) or in
+    float64 for a float64 weight, so a float64 run normalises without float32 rounding."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]) -> None:
         super().__init__()
@@ -115,7 +116,7 @@ class MPConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x: Tensor, gain: Tensor | float = 1) -> Tensor:
-        w = self.weight.to(torch.float32)
+        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         if self.training:
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
