@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from evodiff_pl.precond import EDMLoss, LossOutput, _compute_dtype, _per_sample
+from evodiff_pl.precond import EDMLoss, LossOutput, _compute_dtype
 
 
 class EDM2Loss(EDMLoss):
@@ -39,17 +39,8 @@ class EDM2Loss(EDMLoss):
     ) -> LossOutput:
         """Loss of `denoiser(x, sigma, labels, return_logvar=True[, augment_labels=...])` on clean x0 (B, ...);
         arguments as EDMLoss (`augment_labels`: the augmentation's conditioning vector, None without one)."""
-        batch = x0.shape[0]
-        dtype = _compute_dtype(x0.dtype)
-        if sigma is None:
-            sigma = self.sample_sigma(batch, device=x0.device, generator=generator)
-        sigma = _per_sample(sigma, batch, dtype, x0.device)
-        if noise is None:
-            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
-        elif noise.shape != x0.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-        x_sigma = (x0.to(dtype) + s * noise.to(dtype)).to(x0.dtype)
+        batch, dtype = x0.shape[0], _compute_dtype(x0.dtype)
+        sigma, x_sigma = self.noisy(x0, sigma, noise, generator)
         extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         d, logvar = denoiser(x_sigma, sigma, labels, return_logvar=True, **extra)
         sq = (d.to(dtype) - x0.to(dtype)).square().reshape(batch, -1)

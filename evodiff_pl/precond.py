@@ -223,6 +223,21 @@ class EDMLoss:
         """λ(σ) = (σ² + σ_d²)/(σ·σ_d)² = 1/c_out² (EDM Table 1, "Loss weighting")."""
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
+    def noisy(self, x0: Tensor, sigma: Tensor | float | None, noise: Tensor | None,
+              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(σ per sample, x_σ = x0 + σ·n) for the given σ and noise, or fresh draws from `generator` (docs/method.md
+        §0); σ is float32 (float64 for float64 x0), x_σ has x0's dtype."""
+        batch, dtype = x0.shape[0], _compute_dtype(x0.dtype)
+        if sigma is None:
+            sigma = self.sample_sigma(batch, device=x0.device, generator=generator)
+        sigma = _per_sample(sigma, batch, dtype, x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
+        s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+        return sigma, (x0.to(dtype) + s * noise.to(dtype)).to(x0.dtype)
+
     def __call__(
         self,
         denoiser: Callable[..., Tensor],
@@ -241,17 +256,8 @@ class EDMLoss:
         augmentation's conditioning vector (`evodiff_pl.augment`), None without augmentation. Outputs are float32
         (float64 for float64 x0).
         """
-        batch = x0.shape[0]
-        dtype = _compute_dtype(x0.dtype)
-        if sigma is None:
-            sigma = self.sample_sigma(batch, device=x0.device, generator=generator)
-        sigma = _per_sample(sigma, batch, dtype, x0.device)
-        if noise is None:
-            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
-        elif noise.shape != x0.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-        x_sigma = (x0.to(dtype) + s * noise.to(dtype)).to(x0.dtype)
+        batch, dtype = x0.shape[0], _compute_dtype(x0.dtype)
+        sigma, x_sigma = self.noisy(x0, sigma, noise, generator)
         extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         d = denoiser(x_sigma, sigma, **extra) if labels is None else denoiser(x_sigma, sigma, labels, **extra)
         err = (d.to(dtype) - x0.to(dtype)).square().reshape(batch, -1).mean(dim=1)
