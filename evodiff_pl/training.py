@@ -190,6 +190,9 @@ def build(cfg: DictConfig) -> TrainingRun:
         rank_zero_warn(f"trainer.precision={t['precision']} runs as {trainer.precision} on this accelerator; the run "
                        f"records {trainer.precision}")
         config["trainer"]["precision"] = str(trainer.precision)
+        if resume is not None and resume.changes.get("trainer.precision", [None])[0] == str(trainer.precision):
+            del resume.changes["trainer.precision"]  # the checkpoint recorded the precision that runs: no change
+            module.meta["config_history"] = resume.history
     if cfg.data.batch_size % trainer.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the "
                           f"{trainer.world_size} processes (trainer.devices x trainer.num_nodes)")

@@ -252,6 +252,11 @@ def test_precision_records_what_runs(tmp_path):
         train_in_process(GMM, tiny_gmm(tmp_path, "trainer.precision=16-mixed", "train.total_images=64"))
     assert "precision: bf16-mixed" in (tmp_path / "config.yaml").read_text()
     assert load(tmp_path / "checkpoints" / "last.ckpt")["evodiff"]["config"]["trainer"]["precision"] == "bf16-mixed"
+    with pytest.warns(UserWarning, match="runs as bf16-mixed"):  # resumed with the same command: nothing changed
+        train_in_process(GMM, tiny_gmm(tmp_path, "trainer.precision=16-mixed", "train.total_images=128"))
+    state = load(tmp_path / "checkpoints" / "last.ckpt")["evodiff"]
+    assert state["images_seen"] == 128 and state["config_history"] == [
+        {"global_step": 1, "images_seen": 64, "changes": {"train.total_images": [64, 128]}}]
 
 
 @pytest.mark.parametrize("accelerator", ["gpu", "tpu"])
