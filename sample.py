@@ -11,7 +11,7 @@
 Image j depends only on seed j (the validation callback's sample j with base seed 0).
 """
 
-from evodiff_pl.sampling import main
+from evodiff_pl.sampling.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -4,7 +4,7 @@ Reuses `sample.py`'s code path (`evodiff_pl.sampling.build` + `run_plan`: checkp
 generation, `FrechetScore`) and its dedicated entropic-time pass (`sample.py ... estimate_schedule=true`).
 Each setting generates seeds 0..1796 (one per digit) once and scores them twice: the Fréchet distance on
 pixels (fd_pixels, as `sample.py score=fd_pixels`) and on the 128-d penultimate features of a small CNN trained
-on the digits' training split (`evodiff_pl.classifier`, fd_digits_cnn). Schedules:
+on the digits' training split (`evodiff_pl.evaluation.classifier`, fd_digits_cnn). Schedules:
 
     karras, logsnr                     fixed grids
     rescaled_entropic_train            learned during training (stored in the checkpoint, = RUN/schedule.json)
@@ -39,10 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nfe_report import append_row, key, pivot_markdown, plot_panels, read_rows, winners_markdown  # noqa: E402
 
-from evodiff_pl import sampling  # noqa: E402
-from evodiff_pl.checkpointing import load_denoiser, locate_checkpoint  # noqa: E402
-from evodiff_pl.classifier import load_or_train  # noqa: E402
-from evodiff_pl.metrics import FrechetScore, frechet_distance, gaussian_fit  # noqa: E402
+from evodiff_pl.sampling import cli as sampling  # noqa: E402
+from evodiff_pl.io.checkpointing import locate_checkpoint  # noqa: E402
+from evodiff_pl.io.denoiser import load_denoiser  # noqa: E402
+from evodiff_pl.evaluation.classifier import load_or_train  # noqa: E402
+from evodiff_pl.evaluation.metrics import FrechetScore, frechet_distance, gaussian_fit  # noqa: E402
 
 SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "evodiff", "evodiff_consistent", "unipc", "ipndm",
            "edm_stochastic", "dpmpp_2m_sde"]
@@ -195,7 +196,7 @@ def report(args: argparse.Namespace, features, accuracy: float) -> None:
         f"each scored against all 1,797 digits. Sampling time of all rows: {total / 60:.1f} min on 1 CPU thread.\n",
         f"Command: `{args.command}` (the sweep commands that made the rows: benchmarks/README.md)\n",
         "- fd_pixels: Fréchet distance on the 64 uint8 pixel values (`sample.py score=fd_pixels`).",
-        f"- fd_digits_cnn: Fréchet distance on the 128-d penultimate features of `evodiff_pl.classifier.DigitsCNN` "
+        f"- fd_digits_cnn: Fréchet distance on the 128-d penultimate features of `evodiff_pl.evaluation.classifier.DigitsCNN` "
         f"(trained on 1,347 digits, test accuracy {accuracy:.2%} on the other 450).",
         f"- reference: heun / karras at NFE {args.ref_nfe} ({args.ref_nfe // 2} Heun steps, no final Euler step; "
         f"EDM's 'NFE 79' is 40 steps with a plain Euler last step): fd_pixels {ref['fd_pixels']:.4g}, "

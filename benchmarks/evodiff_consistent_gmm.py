@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from evodiff_pl.checkpointing import load_denoiser
-from evodiff_pl.entropic import EntropicSchedule
-from evodiff_pl.metrics import frechet_distance, gaussian_fit
-from evodiff_pl.schedules import get_sigmas
+from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit
+from evodiff_pl.schedules.grids import get_sigmas
 from evodiff_pl.solvers import solve
 from evodiff_pl.toy import GaussianMixture
 

@@ -1,8 +1,8 @@
 """Score vs NFE on the 64-d Gaussian mixture: a trained MLP denoiser against the exact denoiser.
 
 Both denoisers run every solver x schedule x NFE from the same x_T (seeds 0..N-1 through
-`evodiff_pl.generate.generate`, x_T = 80 * noise; float64 for the exact denoiser, float32 for the MLP) and are
-scored by the Fréchet distance of fitted Gaussians to fresh data (`evodiff_pl.metrics.frechet_distance`) and
+`evodiff_pl.sampling.generate.generate`, x_T = 80 * noise; float64 for the exact denoiser, float32 for the MLP) and are
+scored by the Fréchet distance of fitted Gaussians to fresh data (`evodiff_pl.evaluation.metrics.frechet_distance`) and
 by the RMSE (mean over all entries, and the median of the per-sample RMSE) to the exact probability-flow ODE
 endpoint from that x_T (`GaussianMixture.ode_solve`). Schedules (`EvalSpec.sigmas`):
 
@@ -33,11 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nfe_report import append_row, key, pivot_markdown, plot_panels, read_rows  # noqa: E402
 
-from evodiff_pl import sampling  # noqa: E402
-from evodiff_pl.checkpointing import load_denoiser, locate_checkpoint  # noqa: E402
-from evodiff_pl.entropic import EntropicSchedule, estimate_mmse  # noqa: E402
-from evodiff_pl.generate import EvalSpec, generate, initial_noise  # noqa: E402
-from evodiff_pl.metrics import frechet_distance, gaussian_fit  # noqa: E402
+from evodiff_pl.sampling import cli as sampling  # noqa: E402
+from evodiff_pl.io.checkpointing import locate_checkpoint  # noqa: E402
+from evodiff_pl.io.denoiser import load_denoiser  # noqa: E402
+from evodiff_pl.schedules.entropic import EntropicSchedule, estimate_mmse  # noqa: E402
+from evodiff_pl.sampling.generate import EvalSpec, generate, initial_noise  # noqa: E402
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit  # noqa: E402
 
 SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "evodiff", "evodiff_consistent"]
 SCHEDULES = ["karras", "logsnr", "rescaled_entropic_train", "rescaled_entropic_pass"]

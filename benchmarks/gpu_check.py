@@ -41,15 +41,16 @@ from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evodiff_pl.config import PerfConfig, load_config  # noqa: E402
-from evodiff_pl.ema import ema_beta, update_ema  # noqa: E402
-from evodiff_pl.entropic import SigmaBinnedLoss  # noqa: E402
-from evodiff_pl.generate import EvalSpec, generate  # noqa: E402
-from evodiff_pl.metrics import FrechetScore, InceptionFeatures  # noqa: E402
-from evodiff_pl.module import EDMModule  # noqa: E402
+from evodiff_pl.config.schema import PerfConfig, load_config  # noqa: E402
+from evodiff_pl.training.ema import ema_beta, update_ema  # noqa: E402
+from evodiff_pl.schedules.tracker import SigmaBinnedLoss  # noqa: E402
+from evodiff_pl.sampling.generate import EvalSpec, generate  # noqa: E402
+from evodiff_pl.evaluation.metrics import FrechetScore, InceptionFeatures  # noqa: E402
+from evodiff_pl.training.module import EDMModule  # noqa: E402
 from evodiff_pl.networks import build_network  # noqa: E402
-from evodiff_pl.precond import EDMLoss, EDMPrecond  # noqa: E402
-from evodiff_pl.seeding import derive_seed  # noqa: E402
+from evodiff_pl.networks.precond import EDMPrecond  # noqa: E402
+from evodiff_pl.training.losses import EDMLoss  # noqa: E402
+from evodiff_pl.utils.seeding import derive_seed  # noqa: E402
 from evodiff_pl.solvers import SOLVERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

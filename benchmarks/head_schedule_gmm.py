@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from evodiff_pl import sampling
-from evodiff_pl.checkpointing import load_denoiser
-from evodiff_pl.entropic import EntropicSchedule, edm_loss_weight, estimate_mmse
-from evodiff_pl.generate import EvalSpec, generate, initial_noise
-from evodiff_pl.head_schedule import head_schedule, head_schedule_of_checkpoint, trusted_range
-from evodiff_pl.metrics import frechet_distance, gaussian_fit
+from evodiff_pl.sampling import cli as sampling
+from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.schedules.entropic import EntropicSchedule, edm_loss_weight, estimate_mmse
+from evodiff_pl.sampling.generate import EvalSpec, generate, initial_noise
+from evodiff_pl.schedules.head import head_schedule, head_schedule_of_checkpoint, trusted_range
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit
 from evodiff_pl.sampling.plan import with_kind
 
 SOURCES = ["exact", "head", "head_all", "tracker", "pass"]

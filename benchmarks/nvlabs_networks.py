@@ -3,7 +3,7 @@
 Needs a local checkout of github.com/NVlabs/edm (its code is not part of this repository, licence
 CC BY-NC-SA): `--edm-repo /path/to/edm`. For each architecture at CIFAR-10 size (DDPM++ and NCSN++ as edm's
 config F, an ADM of CIFAR size), edm's network is built with random weights, pickled as edm's training loop
-does, and read back by `evodiff_pl.nvlabs` (so both hold the same weights); the script reports how far apart
+does, and read back by `evodiff_pl.io.nvlabs` (so both hold the same weights); the script reports how far apart
 their backbone outputs F are, then times one EDM-loss training step (forward + backward, train mode, float32) of
 each, interleaved (ours, theirs, ours, ...), and reports medians and the ratio ours / NVlabs.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from evodiff_pl.nvlabs import build_from_record, read_nvlabs_pickle  # noqa: E402
+from evodiff_pl.io.nvlabs import build_from_record, read_nvlabs_pickle  # noqa: E402
 
 ARCHS = {
     "ddpmpp (config F)": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",

@@ -1,5 +1,5 @@
 """Post-hoc EMA on the mixture: sample quality of EMA lengths reconstructed after training from the power-EMA
-snapshots of a configs/gmm_edm2.yaml run (`python -m evodiff_pl.phema`), one row per σ_rel.
+snapshots of a configs/gmm_edm2.yaml run (`python -m evodiff_pl.training.phema`), one row per σ_rel.
 
 Each σ_rel is reconstructed at the last snapshot, then sampled from seeds 0..N-1 with one solver/schedule/NFE and
 scored by the Fréchet distance of fitted Gaussians to fresh mixture samples (as gmm_nfe.py).
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from evodiff_pl import sampling
-from evodiff_pl.checkpointing import load_denoiser
-from evodiff_pl.generate import EvalSpec, generate
-from evodiff_pl.metrics import frechet_distance, gaussian_fit
-from evodiff_pl.phema import main as phema_main
+from evodiff_pl.sampling import cli as sampling
+from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.sampling.generate import EvalSpec, generate
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit
+from evodiff_pl.training.phema import main as phema_main
 
 
 def main() -> None:

@@ -30,8 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from evodiff_pl.checkpointing import CHECKPOINT_KEY, load_denoiser, read_checkpoint  # noqa: E402
-from evodiff_pl.entropic import KINDS, EntropicSchedule, SigmaBinnedLoss, estimate_mmse  # noqa: E402
+from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, read_checkpoint  # noqa: E402
+from evodiff_pl.io.denoiser import load_denoiser  # noqa: E402
+from evodiff_pl.schedules.entropic import KINDS, EntropicSchedule, estimate_mmse  # noqa: E402
+from evodiff_pl.schedules.tracker import SigmaBinnedLoss  # noqa: E402
 from evodiff_pl.sampling.estimate import training_samples  # noqa: E402
 from evodiff_pl.sampling.job import checkpoint_data  # noqa: E402
 

@@ -29,9 +29,9 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from evodiff_pl.entropic import EntropicSchedule, edm_loss_weight  # noqa: E402
-from evodiff_pl.metrics import frechet_distance, gaussian_fit  # noqa: E402
-from evodiff_pl.schedules import get_sigmas  # noqa: E402
+from evodiff_pl.schedules.entropic import EntropicSchedule, edm_loss_weight  # noqa: E402
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit  # noqa: E402
+from evodiff_pl.schedules.grids import get_sigmas  # noqa: E402
 from evodiff_pl.solvers import nfe, solve  # noqa: E402
 from evodiff_pl.toy import GaussianMixture  # noqa: E402
 

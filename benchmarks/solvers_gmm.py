@@ -27,11 +27,11 @@ import time
 
 import torch
 
-from evodiff_pl.generate import steps_for_nfe
-from evodiff_pl.metrics import frechet_distance, gaussian_fit
+from evodiff_pl.sampling.generate import steps_for_nfe
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit
 from evodiff_pl.networks import build_network
-from evodiff_pl.precond import EDMPrecond
-from evodiff_pl.schedules import get_sigmas
+from evodiff_pl.networks.precond import EDMPrecond
+from evodiff_pl.schedules.grids import get_sigmas
 from evodiff_pl.solvers import SOLVERS, STOCHASTIC, nfe, seeded_noise, solve
 from evodiff_pl.toy import GaussianMixture
 

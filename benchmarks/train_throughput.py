@@ -29,12 +29,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from evodiff_pl.config import EntropicConfig, load_config  # noqa: E402
-from evodiff_pl.ema import ema_beta, update_ema  # noqa: E402
-from evodiff_pl.training import build_data, network_kwargs  # noqa: E402
-from evodiff_pl.module import EDMModule  # noqa: E402
+from evodiff_pl.config.schema import EntropicConfig, load_config  # noqa: E402
+from evodiff_pl.training.ema import ema_beta, update_ema  # noqa: E402
+from evodiff_pl.training.run import build_data, network_kwargs  # noqa: E402
+from evodiff_pl.training.module import EDMModule  # noqa: E402
 from evodiff_pl.networks import build_network  # noqa: E402
-from evodiff_pl.precond import EDMLoss, EDMPrecond  # noqa: E402
+from evodiff_pl.networks.precond import EDMPrecond  # noqa: E402
+from evodiff_pl.training.losses import EDMLoss  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 

@@ -21,10 +21,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from evodiff_pl.data import DigitsDataModule
-from evodiff_pl.evaluation import SampleQualityCallback
+from evodiff_pl.data.datasets import DigitsDataModule
+from evodiff_pl.evaluation.callback import SampleQualityCallback
 from evodiff_pl.networks import build_network
-from evodiff_pl.precond import EDMPrecond
+from evodiff_pl.networks.precond import EDMPrecond
 
 
 class TimedDenoiser(nn.Module):

@@ -13,12 +13,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from train_utils import DIGITS, GMM
 
-from evodiff_pl.augment import AUGMENT_DIM, augment, augment_labels, draw_params
-from evodiff_pl.config import ConfigError, OptimConfig, load_config
-from evodiff_pl.module import EDMModule
-from evodiff_pl.nvlabs import load_nvlabs_pickle
-from evodiff_pl.precond import EDMLoss
-from evodiff_pl.training import network_kwargs
+from evodiff_pl.data.augment import AUGMENT_DIM, augment, augment_labels, draw_params
+from evodiff_pl.config.schema import ConfigError, OptimConfig, load_config
+from evodiff_pl.training.module import EDMModule
+from evodiff_pl.io.nvlabs import load_nvlabs_pickle
+from evodiff_pl.training.losses import EDMLoss
+from evodiff_pl.training.run import network_kwargs
 
 DATA = Path(__file__).parent / "data"
 LABEL_COLUMNS = {"xflip": [0], "yflip": [1], "scale": [2], "rotate_frac": [3, 4], "aniso": [5, 6],

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evodiff_pl.classifier import DigitsFeatures, accuracy, digits_split, load_or_train, train_digits_classifier
-from evodiff_pl.images import to_uint8
-from evodiff_pl.metrics import frechet_distance, gaussian_fit
+from evodiff_pl.evaluation.classifier import DigitsFeatures, accuracy, digits_split, load_or_train, train_digits_classifier
+from evodiff_pl.utils.images import to_uint8
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit
 
 SHIPPED = Path(__file__).parents[1] / "benchmarks" / "results" / "digits_classifier.pt"
 

@@ -14,17 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-import evodiff_pl.data as data
-from evodiff_pl.data import (
-    DATASETS,
-    DataError,
-    DatasetNotFoundError,
-    DiffusionDataModule,
-    InfiniteSampler,
-    build_datamodule,
-)
-from evodiff_pl.images import to_uint8
-from evodiff_pl.seeding import derive_seed
+import evodiff_pl.data.datasets as data
+from evodiff_pl.data.datasets import DATASETS, DataError, DatasetNotFoundError, build_datamodule
+from evodiff_pl.data.stream import DiffusionDataModule, InfiniteSampler
+from evodiff_pl.utils.images import to_uint8
+from evodiff_pl.utils.seeding import derive_seed
 from evodiff_pl.toy import GaussianMixture
 
 
@@ -71,7 +65,7 @@ def _rows(x: torch.Tensor) -> set[bytes]:
 
 
 def test_holdout_keeps_a_fixed_split_out_of_training_and_validates_on_it():
-    from evodiff_pl.classifier import digits_split
+    from evodiff_pl.evaluation.classifier import digits_split
 
     dm = build_datamodule("digits", batch_size=64, holdout=450, seed=5)
     train = torch.stack([dm.data[i][0] for i in range(len(dm.data))])

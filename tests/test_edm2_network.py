@@ -12,7 +12,7 @@ import torch
 
 from evodiff_pl.networks import build_network
 from evodiff_pl.networks.edm2 import PRESETS, EDM2UNet
-from evodiff_pl.precond import EDM2Precond, build_precond
+from evodiff_pl.networks.precond import EDM2Precond, build_precond
 
 DATA = Path(__file__).parent / "data"
 REF = np.load(DATA / "edm2_outputs.npz")
@@ -117,8 +117,8 @@ def test_float64_and_untrained_network() -> None:
 def test_train_config_builds_edm2_from_a_preset(tmp_path: Path) -> None:
     """model.network=edm2unet, model.net.preset=tiny, model.precond=edm2: train.py's composition root builds it,
     and a training-mode EDM loss step runs (forced weight normalisation keeps the weights at unit RMS)."""
-    from evodiff_pl.config import load_config
-    from evodiff_pl.training import build
+    from evodiff_pl.config.schema import load_config
+    from evodiff_pl.training.run import build
 
     text = (Path(__file__).parents[1] / "configs" / "digits.yaml").read_text()
     head, rest = text.split("  network: songunet\n", 1)

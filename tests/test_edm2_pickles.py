@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from evodiff_pl import sampling
-from evodiff_pl.checkpointing import load_denoiser
-from evodiff_pl.nvlabs import NVlabsPickleError, StabilityVAEDecoder
+from evodiff_pl.sampling import cli as sampling
+from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.io.nvlabs import NVlabsPickleError, StabilityVAEDecoder
 
 DATA = Path(__file__).parent / "data"
 REF = np.load(DATA / "edm2_outputs.npz")

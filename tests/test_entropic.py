@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from evodiff_pl.entropic import KINDS, EntropicSchedule, SigmaBinnedLoss, edm_loss_weight, estimate_mmse
-from evodiff_pl.schedules import get_sigmas
+from evodiff_pl.schedules.entropic import KINDS, EntropicSchedule, edm_loss_weight, estimate_mmse
+from evodiff_pl.schedules.tracker import SigmaBinnedLoss
+from evodiff_pl.schedules.grids import get_sigmas
 from evodiff_pl.toy import GaussianMixture
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -70,7 +71,7 @@ def test_schedule_is_recomputed_per_n_and_served_by_the_registry():
 
 
 def test_colliding_levels_are_nudged_by_single_ulps():
-    from evodiff_pl.entropic import _strictly_decreasing
+    from evodiff_pl.schedules.entropic import _strictly_decreasing
 
     s = torch.tensor([80.0, 1.0, 1.0, 1.0, 0.5, 0.002], dtype=torch.float64)
     out = _strictly_decreasing(s)

@@ -10,11 +10,11 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from torch import nn
 
-from evodiff_pl.data import DigitsDataModule, GMMDataModule
-from evodiff_pl.evaluation import SampleQualityCallback
-from evodiff_pl.generate import EvalSpec
-from evodiff_pl.metrics import FrechetScore
-from evodiff_pl.schedules import get_sigmas
+from evodiff_pl.data.datasets import DigitsDataModule, GMMDataModule
+from evodiff_pl.evaluation.callback import SampleQualityCallback
+from evodiff_pl.sampling.generate import EvalSpec
+from evodiff_pl.evaluation.metrics import FrechetScore
+from evodiff_pl.schedules.grids import get_sigmas
 from evodiff_pl.toy import GaussianMixture
 
 

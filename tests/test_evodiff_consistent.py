@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from evodiff_pl.entropic import EntropicSchedule
-from evodiff_pl.generate import generate, rank_indices
-from evodiff_pl.schedules import get_sigmas
+from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.sampling.generate import generate, rank_indices
+from evodiff_pl.schedules.grids import get_sigmas
 from evodiff_pl.solvers import nfe, solve
 from evodiff_pl.toy import GaussianMixture
 

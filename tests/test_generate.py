@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from evodiff_pl.generate import EvalSpec, generate, initial_noise, rank_indices, steps_for_nfe
-from evodiff_pl.images import save_grid
-from evodiff_pl.schedules import get_sigmas
+from evodiff_pl.sampling.generate import EvalSpec, generate, initial_noise, rank_indices, steps_for_nfe
+from evodiff_pl.utils.images import save_grid
+from evodiff_pl.schedules.grids import get_sigmas
 from evodiff_pl.solvers import per_sample_noise, solve
 from evodiff_pl.toy import GaussianMixture
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from evodiff_pl.entropic import EntropicSchedule, edm_loss_weight
-from evodiff_pl.head_schedule import head_schedule, trusted_range
-from evodiff_pl.schedules import from_head, get_sigmas, learned_kind
+from evodiff_pl.schedules.entropic import EntropicSchedule, edm_loss_weight
+from evodiff_pl.schedules.head import head_schedule, trusted_range
+from evodiff_pl.schedules.grids import from_head, get_sigmas, learned_kind
 
 C = 0.7  # data N(0, C² I): per-dimension MMSE σ²C²/(σ²+C²)
 

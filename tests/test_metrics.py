@@ -8,8 +8,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from evodiff_pl.images import to_uint8
-from evodiff_pl.metrics import (
+from evodiff_pl.utils.images import to_uint8
+from evodiff_pl.evaluation.metrics import (
     INCEPTION_URL,
     FrechetScore,
     InceptionFeatures,

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from evodiff_pl.checkpointing import CheckpointError, load_denoiser
-from evodiff_pl.resume import resume_checkpoint
+from evodiff_pl.io.checkpointing import CheckpointError
+from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.training.resume import resume_checkpoint
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.networks.layers import LabelEmbedding
-from evodiff_pl.networks.unet import GroupNorm
+from evodiff_pl.networks.unet_blocks import GroupNorm
 
 DIGITS = dict(img_resolution=8, in_channels=1, out_channels=1, model_channels=16, channel_mult=(1, 2, 2),
               num_blocks=1, attn_resolutions=(4,), dropout=0.0)

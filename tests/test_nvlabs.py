@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from evodiff_pl import sampling
-from evodiff_pl.checkpointing import load_denoiser
-from evodiff_pl.entropic import EntropicSchedule
-from evodiff_pl.generate import EvalSpec, generate, initial_noise
-from evodiff_pl.networks.unet import UNetBlock
-from evodiff_pl.metrics import FrechetScore, frechet_distance, gaussian_fit
-from evodiff_pl.nvlabs import NVlabsPickleError, read_mu_sigma_npz, read_nvlabs_pickle
+from evodiff_pl.sampling import cli as sampling
+from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.sampling.generate import EvalSpec, generate, initial_noise
+from evodiff_pl.networks.unet_blocks import UNetBlock
+from evodiff_pl.evaluation.metrics import FrechetScore, frechet_distance, gaussian_fit
+from evodiff_pl.io.nvlabs import NVlabsPickleError, read_mu_sigma_npz, read_nvlabs_pickle
 
 DATA = Path(__file__).parent / "data"
 LABEL_DIMS = {"ddpmpp_edm_cond": 4, "ncsnpp_vp": 0, "songunet_skip_ve_cond": 3, "adm_edm_cond": 5, "adm_iddpm": 0}

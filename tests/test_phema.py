@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from evodiff_pl.module import lr_edm2
-from evodiff_pl.phema import (gamma_to_std, list_snapshots, main, power_beta, reconstruct, save_snapshot,
+from evodiff_pl.training.clock import lr_edm2
+from evodiff_pl.training.phema import (gamma_to_std, list_snapshots, main, power_beta, reconstruct, save_snapshot,
                               solve_coefficients, std_to_gamma)
-from evodiff_pl.ema import update_ema
+from evodiff_pl.training.ema import update_ema
 
 REF = np.load(Path(__file__).parent / "data" / "edm2_phema_reference.npz")
 

@@ -9,9 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from evodiff_pl.networks import build_network
-from evodiff_pl.precond import (
-    PRECONDS, EDMLoss, EDMPrecond, LossOutput, VEPrecond, VPPrecond, build_precond, iDDPMPrecond,
-)
+from evodiff_pl.networks.precond import PRECONDS, EDMPrecond, VEPrecond, VPPrecond, build_precond, iDDPMPrecond
+from evodiff_pl.training.losses import EDMLoss, LossOutput
 
 SIGMAS = [0.002, 0.05, 0.5, 1.0, 7.3, 80.0]
 SD = 0.5

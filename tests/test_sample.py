@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from evodiff_pl.checkpointing import CHECKPOINT_KEY, load_denoiser, write_checkpoint
-from evodiff_pl.config import load_config
-from evodiff_pl.images import to_uint8
-from evodiff_pl.entropic import EntropicSchedule
-from evodiff_pl.generate import EvalSpec, generate
-from evodiff_pl.sampling import checkpoint_data, main, training_samples
-from evodiff_pl.training import run
+from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, write_checkpoint
+from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.config.schema import load_config
+from evodiff_pl.utils.images import to_uint8
+from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.sampling.generate import EvalSpec, generate
+from evodiff_pl.sampling.cli import checkpoint_data, main, training_samples
+from evodiff_pl.training.run import run
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["logger.kind=none", "trainer.progress_bar=false", "evaluation.enabled=false", "checkpoint.every_steps=1000",

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from evodiff_pl.schedules import get_sigmas
+from evodiff_pl.schedules.grids import get_sigmas
 
 
 @pytest.mark.parametrize("name", ["karras", "logsnr"])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from evodiff_pl.metrics import frechet_distance, gaussian_fit
-from evodiff_pl.schedules import get_sigmas
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit
+from evodiff_pl.schedules.grids import get_sigmas
 from evodiff_pl.solvers import SOLVERS, STOCHASTIC, nfe, seeded_noise, solve
 from evodiff_pl.toy import GaussianMixture
 

@@ -9,12 +9,14 @@ import torch
 from torch import Tensor, nn
 from train_utils import GMM, tiny_gmm, train_in_process
 
-import evodiff_pl.module as module_mod
-from evodiff_pl.config import ConfigError, EMAConfig, EntropicConfig, load_config
-from evodiff_pl.entropic import KINDS, EntropicSchedule
-from evodiff_pl.module import EDMModule
+import evodiff_pl.training.module as module_mod
+from evodiff_pl.config.schema import ConfigError, EMAConfig, EntropicConfig, load_config
+from evodiff_pl.schedules.entropic import KINDS, EntropicSchedule
+from evodiff_pl.training.clock import tracker_sigmas
+from evodiff_pl.training.module import EDMModule
 from evodiff_pl.networks.mlp import MLPDenoiser
-from evodiff_pl.precond import EDMLoss, EDMPrecond
+from evodiff_pl.networks.precond import EDMPrecond
+from evodiff_pl.training.losses import EDMLoss
 from evodiff_pl.toy import GaussianMixture
 
 
@@ -61,7 +63,7 @@ def test_ema_pass_sigmas_fill_the_log_sigma_strata():
     module = _module(40, eval_fraction=0.25)
     lo, hi = math.log(0.002), math.log(80.0)
     for b in (0, 1, 2, 1000):
-        u = (module.tracker_sigmas(b).log() - lo) / (hi - lo) * 10
+        u = (tracker_sigmas(b, module.eval_positions, module.sigma_min, module.sigma_max).log() - lo) / (hi - lo) * 10
         shift = (b * (math.sqrt(5) - 1) / 2) % 1
         assert torch.allclose(u, torch.arange(10, dtype=torch.float64) + shift, atol=1e-9), b
 

@@ -13,9 +13,9 @@ import tomllib
 import pytest
 from train_utils import DIGITS, GMM, ROOT, tiny_gmm, train_in_process
 
-from evodiff_pl.config import Config
-from evodiff_pl.keys import key_docs
-from evodiff_pl.training import main
+from evodiff_pl.config.schema import Config
+from evodiff_pl.config.keys import key_docs
+from evodiff_pl.training.run import main
 
 
 def test_help_lists_every_key_with_its_default_and_doc(capsys):
@@ -76,7 +76,7 @@ def test_download_without_an_answer_times_out_with_the_offline_advice(monkeypatc
     """A server that accepts the connection and never answers (a firewall that drops packets hangs the same way)."""
     from torchvision.datasets import CIFAR10
 
-    from evodiff_pl.data import CIFAR10DataModule, DatasetNotFoundError
+    from evodiff_pl.data.datasets import CIFAR10DataModule, DatasetNotFoundError
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

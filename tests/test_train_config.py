@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from train_utils import DIGITS, GMM, ROOT
 
-from evodiff_pl.config import ConfigError, load_config
+from evodiff_pl.config.schema import ConfigError, load_config
 
 
 @pytest.mark.parametrize("name", ["digits", "cifar10", "gmm"])
@@ -69,7 +69,7 @@ def test_data_kwargs_follow_the_dataset():
 
 
 def test_main_prints_one_clear_line(capsys, tmp_path):
-    from evodiff_pl.training import main
+    from evodiff_pl.training.run import main
 
     assert main(["--config", str(GMM), f"run.dir={tmp_path}", "run.seeed=1"]) == 1
     err = capsys.readouterr().err
@@ -78,7 +78,7 @@ def test_main_prints_one_clear_line(capsys, tmp_path):
 
 
 def test_network_shape_kwargs_come_from_the_data():
-    from evodiff_pl.training import network_kwargs
+    from evodiff_pl.training.run import network_kwargs
 
     kw = network_kwargs("songunet", {"model_channels": 16}, (3, 16, 16), 10)
     assert kw == {"model_channels": 16, "img_resolution": 16, "in_channels": 3, "out_channels": 3, "label_dim": 10}
@@ -88,7 +88,7 @@ def test_network_shape_kwargs_come_from_the_data():
 
 
 def test_global_batch_must_divide_over_processes(tmp_path):
-    from evodiff_pl.training import build
+    from evodiff_pl.training.run import build
 
     cfg = load_config(GMM, [f"run.dir={tmp_path}", "logger.kind=none", "evaluation.enabled=false",
                             "trainer.strategy=ddp_spawn", "trainer.devices=3", "data.batch_size=64"])
@@ -98,8 +98,8 @@ def test_global_batch_must_divide_over_processes(tmp_path):
 
 @pytest.mark.parametrize("precond", ["vp", "ve", "iddpm"])
 def test_precond_comes_from_the_config_and_is_stored(tmp_path, precond):
-    from evodiff_pl.precond import PRECONDS
-    from evodiff_pl.training import build
+    from evodiff_pl.networks.precond import PRECONDS
+    from evodiff_pl.training.run import build
 
     cfg = load_config(GMM, [f"run.dir={tmp_path}", "logger.kind=none", "evaluation.enabled=false",
                             f"model.precond={precond}"])

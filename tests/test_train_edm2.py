@@ -8,10 +8,10 @@ import pytest
 import torch
 from train_utils import DIGITS_EDM2, GMM, assert_equal, load, tiny_digits_edm2, tiny_gmm, train_in_process
 
-from evodiff_pl.config import ConfigError, load_config
-from evodiff_pl.losses import EDM2Loss
-from evodiff_pl.phema import list_snapshots
-from evodiff_pl.training import build
+from evodiff_pl.config.schema import ConfigError, load_config
+from evodiff_pl.training.losses import EDM2Loss
+from evodiff_pl.training.phema import list_snapshots
+from evodiff_pl.training.run import build
 
 EDM2 = ("model.precond=edm2", "loss.kind=edm2", "loss.P_mean=-0.4", "loss.P_std=1.0", "ema.kind=power",
         "optim.schedule=edm2", "optim.ref_images=192", "ema.snapshot_every_images=128")
@@ -108,9 +108,9 @@ def test_resume_of_the_edm2_unet_is_exact(tmp_path):
 
 
 def test_head_schedule_and_posthoc_ema_reach_sample_py(runs, tmp_path):
-    from evodiff_pl.entropic import EntropicSchedule
-    from evodiff_pl.phema import main as phema_main
-    from evodiff_pl.sampling import main as sample_main
+    from evodiff_pl.schedules.entropic import EntropicSchedule
+    from evodiff_pl.training.phema import main as phema_main
+    from evodiff_pl.sampling.cli import main as sample_main
 
     full, _ = runs
     head = EntropicSchedule.load(full / "schedule_head.json")

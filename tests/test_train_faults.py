@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from train_utils import DIGITS, GMM, PYTHON, ROOT, load, tiny_gmm, train_in_process
 
-from evodiff_pl.checkpointing import CheckpointError, read_checkpoint, write_checkpoint
-from evodiff_pl.fileio import atomic_write_text
-from evodiff_pl.resume import RunLock, RunLockedError
-from evodiff_pl.training import main
+from evodiff_pl.io.checkpointing import CheckpointError, read_checkpoint, write_checkpoint
+from evodiff_pl.utils.fileio import atomic_write_text
+from evodiff_pl.training.resume import RunLock, RunLockedError
+from evodiff_pl.training.run import main
 
 LONG = ("train.total_images=192000", "checkpoint.every_steps=100", "model.net.dropout=0.1")
 """3000 steps of 64 samples: long enough to be interrupted at a random moment."""
@@ -293,7 +293,7 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     def full(obj, f, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("evodiff_pl.checkpointing.torch.save", full)
+    monkeypatch.setattr("evodiff_pl.io.checkpointing.torch.save", full)
     assert main(["--config", str(GMM), *tiny_gmm(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: no space left on device writing {tmp_path / 'checkpoints' / 'last.ckpt'}")

@@ -11,8 +11,8 @@ import time
 import pytest
 from train_utils import DIGITS, GMM, tiny_gmm, train_in_process
 
-from evodiff_pl.entropic import EntropicSchedule
-from evodiff_pl.loggers import RUN_ID_FILE, resolve_wandb_mode
+from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.training.loggers import RUN_ID_FILE, resolve_wandb_mode
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path, caplog):
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
-    from evodiff_pl.training import main
+    from evodiff_pl.training.run import main
 
     missing = tmp_path / "nowhere"
     assert main(["--config", str(DIGITS), f"run.dir={tmp_path / 'run'}", "data.name=image_folder",
@@ -166,9 +166,9 @@ def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
 
 
 def test_progress_bar_counts_steps_to_the_total_from_the_resumed_step(tmp_path, monkeypatch):
-    from evodiff_pl.loggers import StepProgressBar
+    from evodiff_pl.training.loggers import StepProgressBar
 
-    monkeypatch.setattr("evodiff_pl.training.is_terminal", lambda: True)
+    monkeypatch.setattr("evodiff_pl.training.run.is_terminal", lambda: True)
 
     run_dir = tmp_path / "run"
     train_in_process(GMM, tiny_gmm(run_dir, "train.total_images=192"))  # 3 steps of 64

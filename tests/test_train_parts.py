@@ -8,10 +8,11 @@ import pytest
 import torch
 from train_utils import GMM, tiny_gmm, train_in_process
 
-from evodiff_pl.data import InfiniteSampler, build_datamodule
-from evodiff_pl.seeding import derive_seed
-from evodiff_pl.ema import ema_beta, update_ema
-from evodiff_pl.module import lr_at
+from evodiff_pl.data.datasets import build_datamodule
+from evodiff_pl.data.stream import InfiniteSampler
+from evodiff_pl.utils.seeding import derive_seed
+from evodiff_pl.training.ema import ema_beta, update_ema
+from evodiff_pl.training.clock import lr_at
 
 
 def _take(sampler, n: int) -> list[int]:

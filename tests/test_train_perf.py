@@ -7,7 +7,7 @@ import pytest
 import torch
 from train_utils import DIGITS, load, train_in_process
 
-from evodiff_pl.module import NonFiniteTrainingError
+from evodiff_pl.training.nonfinite import NonFiniteTrainingError
 
 
 def tiny_digits(run_dir, *overrides: str) -> list[str]:
@@ -68,15 +68,15 @@ def test_sync_free_streak_limit_stops_at_the_next_logging_step(tmp_path):
 
 
 def test_sync_free_step_refuses_16_mixed(tmp_path):
-    from evodiff_pl.config import ConfigError
+    from evodiff_pl.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="16-mixed"):
         train_in_process(DIGITS, tiny_digits(tmp_path, "perf.sync_free_step=true", "trainer.precision=16-mixed"))
 
 
 def test_cuda_switches_are_set_only_when_asked():
-    from evodiff_pl.config import PerfConfig
-    from evodiff_pl.training import configure_backends
+    from evodiff_pl.config.schema import PerfConfig
+    from evodiff_pl.training.run import configure_backends
 
     flags = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
              (torch.backends.cudnn, "benchmark"))

@@ -8,8 +8,9 @@ import pytest
 import torch
 from train_utils import GMM, assert_equal, load, tiny_gmm, train_in_process
 
-from evodiff_pl.checkpointing import CheckpointError, export_weights, load_denoiser, newest_checkpoint
-from evodiff_pl.entropic import EntropicSchedule
+from evodiff_pl.io.checkpointing import CheckpointError, export_weights, newest_checkpoint
+from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.schedules.entropic import EntropicSchedule
 
 # Dropout on, so the restored RNG state matters; 6 steps of 64 samples; last.ckpt every 3 steps in both runs
 # (the tracker's float64 sums are grouped by its sync points, which include every checkpoint).
@@ -124,7 +125,7 @@ def test_resume_never_refuses_an_existing_run(runs):
 def test_checkpoint_from_before_the_loss_scale_resumes_with_scaled_moments(tmp_path):
     """A checkpoint of the per-element-mean loss (no `loss_scale` entry) resumes as one of EDM's summed loss: Adam's
     moments are scaled by n and n² (n = 8 elements here, exact in binary), so the steps after it are the same."""
-    from evodiff_pl.checkpointing import read_checkpoint, write_checkpoint
+    from evodiff_pl.io.checkpointing import read_checkpoint, write_checkpoint
 
     full, split = tmp_path / "full", tmp_path / "split"
     train_in_process(GMM, tiny_gmm(full, *RESUME))

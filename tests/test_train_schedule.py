@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from train_utils import GMM, train_in_process
 
-from evodiff_pl.entropic import EntropicSchedule
-from evodiff_pl.schedules import karras
+from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.schedules.grids import karras
 from evodiff_pl.toy import GaussianMixture
 
 

@@ -42,8 +42,8 @@ def tiny_digits_edm2(run_dir: Path, *overrides: str) -> list[str]:
 
 def train_in_process(config: Path, overrides: list[str]):
     """`run(load_config(...))` in this process (single device only: no DDP inside pytest)."""
-    from evodiff_pl.config import load_config
-    from evodiff_pl.training import run
+    from evodiff_pl.config.schema import load_config
+    from evodiff_pl.training.run import run
 
     return run(load_config(config, overrides))
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from evodiff_pl.networks.edm2 import EDM2UNet
 from evodiff_pl.networks.mlp import MLPDenoiser
-from evodiff_pl.networks.unet import DhariwalUNet, SongUNet
+from evodiff_pl.networks.dhariwal import DhariwalUNet
+from evodiff_pl.networks.songunet import SongUNet
 
 NETWORKS: dict[str, type[nn.Module]] = {"songunet": SongUNet, "dhariwalunet": DhariwalUNet, "mlp": MLPDenoiser,
                                        "edm2unet": EDM2UNet}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evodiff_pl.networks.unet import _check_levels, _one_hot
+from evodiff_pl.networks.unet_blocks import check_levels, one_hot_labels
 
 PRESETS: dict[str, dict[str, Any]] = {
     **{f"img512-{name}": dict(model_channels=c, dropout=p) for name, c, p in
@@ -229,7 +229,7 @@ class EDM2UNet(nn.Module):
         given = dict(model_channels=model_channels, channel_mult=channel_mult, num_blocks=num_blocks,
                      attn_resolutions=attn_resolutions, channels_per_head=channels_per_head, dropout=dropout)
         cfg = {**DEFAULTS, **(PRESETS[preset] if preset else {}), **{k: v for k, v in given.items() if v is not None}}
-        _check_levels(img_resolution, cfg["channel_mult"], cfg["attn_resolutions"])
+        check_levels(img_resolution, cfg["channel_mult"], cfg["attn_resolutions"])
         mc = cfg["model_channels"]
         cblock = [mc * m for m in cfg["channel_mult"]]
         cnoise = mc * channel_mult_noise if channel_mult_noise is not None else cblock[0]
@@ -283,7 +283,7 @@ class EDM2UNet(nn.Module):
             raise ValueError("EDM2's U-Net takes no augmentation labels")
         emb = self.emb_noise(self.emb_fourier(c_noise))
         if self.emb_label is not None:
-            class_labels = _one_hot(labels, self.label_dim, x.shape[0], emb)
+            class_labels = one_hot_labels(labels, self.label_dim, x.shape[0], emb)
             emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(self.label_dim)), t=self.label_balance)
         elif labels is not None:
             raise ValueError("labels were given to an unconditional network (label_dim=0)")

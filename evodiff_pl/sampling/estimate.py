@@ -8,9 +8,9 @@ from typing import Callable
 
 import torch
 
-from evodiff_pl.data import DiffusionDataModule
-from evodiff_pl.dist import world
-from evodiff_pl.entropic import EntropicSchedule, Samples, estimate_mmse
+from evodiff_pl.data.stream import DiffusionDataModule
+from evodiff_pl.utils.dist import world
+from evodiff_pl.schedules.entropic import EntropicSchedule, Samples, estimate_mmse
 from evodiff_pl.sampling.job import SamplingJob, checkpoint_data
 
 

@@ -1,9 +1,9 @@
 """A validated sample.py invocation (`build`) and running it (`run`): generate every planned setting and score it.
 
 `build` checks every argument against the checkpoint (solvers, schedules, NFE, schedule file, score and
-reference statistics) before any output is written; `run` generates through `evodiff_pl.generate.generate`
+reference statistics) before any output is written; `run` generates through `evodiff_pl.sampling.generate.generate`
 (image j uses seed j, as in the validation callback with base seed 0) and scores with
-`evodiff_pl.metrics.FrechetScore`, every rank taking part, seeds dealt to ranks with `rank_indices`.
+`evodiff_pl.evaluation.metrics.FrechetScore`, every rank taking part, seeds dealt to ranks with `rank_indices`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from evodiff_pl.checkpointing import LoadedCheckpoint, load_denoiser
-from evodiff_pl.data import DatasetNotFoundError, DiffusionDataModule, build_from_config
-from evodiff_pl.dist import world
-from evodiff_pl.fileio import atomic_write_text
-from evodiff_pl.generate import generate, rank_indices
-from evodiff_pl.images import from_uint8, to_uint8, write_pngs
-from evodiff_pl.metrics import FrechetScore, InceptionFeatures
-from evodiff_pl.nvlabs import StabilityVAEDecoder, VAEError, read_mu_sigma_npz
+from evodiff_pl.io.checkpointing import LoadedCheckpoint
+from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.data.datasets import DatasetNotFoundError, build_from_config
+from evodiff_pl.data.stream import DiffusionDataModule
+from evodiff_pl.utils.dist import world
+from evodiff_pl.utils.fileio import atomic_write_text
+from evodiff_pl.sampling.generate import generate, rank_indices
+from evodiff_pl.utils.images import from_uint8, to_uint8, write_pngs
+from evodiff_pl.evaluation.metrics import FrechetScore, InceptionFeatures
+from evodiff_pl.io.nvlabs import StabilityVAEDecoder, VAEError, read_mu_sigma_npz
 from evodiff_pl.sampling.options import (
     DEVICES, MAX_SCORED, SCORES, SampleConfig, SampleError, check_choice, parse_seeds,
 )
@@ -60,7 +62,7 @@ def checkpoint_data(loaded: LoadedCheckpoint, data: dict[str, Any] | None = None
 
 def reference_stats(path: str, feature: str) -> dict[str, Any]:
     """A statistics file of `FrechetScore.prepare_real`, checked to hold `feature` features; for fid_inception also
-    an .npz of (mu, sigma) as edm's fid.py and pytorch-fid write (`evodiff_pl.nvlabs.read_mu_sigma_npz`)."""
+    an .npz of (mu, sigma) as edm's fid.py and pytorch-fid write (`evodiff_pl.io.nvlabs.read_mu_sigma_npz`)."""
     if not Path(path).is_file():
         raise SampleError(f"stats file {path} does not exist")
     if path.endswith(".npz") and feature == "inception":

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import Tensor
 
-from evodiff_pl.keys import did_you_mean, field_docs, format_default, suggest
+from evodiff_pl.config.keys import did_you_mean, field_docs, format_default, suggest
 
 SCORES = {"none": None, "fd_pixels": "pixels", "fid_inception": "inception"}
 """score= values and their feature extractors."""

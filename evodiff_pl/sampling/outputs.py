@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from evodiff_pl.dist import world
-from evodiff_pl.fileio import atomic_write
+from evodiff_pl.utils.dist import world
+from evodiff_pl.utils.fileio import atomic_write
 from evodiff_pl.sampling.options import FORMATS, SampleError, check_choice
 from evodiff_pl.sampling.plan import Plan
 

@@ -9,12 +9,12 @@ from typing import Any
 
 from torch import Tensor
 
-from evodiff_pl.checkpointing import LoadedCheckpoint
-from evodiff_pl.entropic import EntropicSchedule
-from evodiff_pl.generate import PROTOCOLS, EvalSpec, needs_learned_schedule
+from evodiff_pl.io.checkpointing import LoadedCheckpoint
+from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.sampling.generate import PROTOCOLS, EvalSpec, needs_learned_schedule
 from evodiff_pl.sampling.options import SampleConfig, SampleError, check_choice, names, nfes
-from evodiff_pl.head_schedule import head_schedule_of_checkpoint
-from evodiff_pl.schedules import SCHEDULES, from_head, learned_kind
+from evodiff_pl.schedules.head import head_schedule_of_checkpoint
+from evodiff_pl.schedules.grids import SCHEDULES, from_head, learned_kind
 from evodiff_pl.solvers import SOLVERS
 
 

@@ -73,7 +73,7 @@ def needs_noise(name: str, noise: Noise | None) -> Noise:
     if noise is None:
         raise ValueError(
             f"{name} is stochastic: pass noise=, a per-sample source such as evodiff_pl.solvers.seeded_noise(seeds) "
-            "(evodiff_pl.generate.generate does this from each sample's seed)"
+            "(evodiff_pl.sampling.generate.generate does this from each sample's seed)"
         )
     return noise
 

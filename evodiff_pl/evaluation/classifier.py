@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
-from evodiff_pl.fileio import atomic_write
+from evodiff_pl.utils.fileio import atomic_write
 
 NUM_TRAIN = 1347
 """Digits in the training split (the rest, 450, are the test split)."""
@@ -60,7 +60,7 @@ class DigitsFeatures(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.uint8 or tuple(x.shape[1:]) != (1, 8, 8):
             raise ValueError(f"expected uint8 digits (N, 1, 8, 8), got {x.dtype} {tuple(x.shape)}")
-        # uint8 0..255 back to [-1, 1], the training scale (evodiff_pl.images.to_uint8 inverted)
+        # uint8 0..255 back to [-1, 1], the training scale (evodiff_pl.utils.images.to_uint8 inverted)
         return self.net.features(x.float() / 127.5 - 1).to(torch.float64)
 
 

@@ -14,11 +14,11 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from evodiff_pl.generate import EvalSpec, generate, rank_indices
-from evodiff_pl.images import save_grid, to_uint8
-from evodiff_pl.metrics import FrechetScore, build_extractor
+from evodiff_pl.sampling.generate import EvalSpec, generate, rank_indices
+from evodiff_pl.utils.images import save_grid, to_uint8
+from evodiff_pl.evaluation.metrics import FrechetScore, build_extractor
 from evodiff_pl.sampling.plan import with_kind
-from evodiff_pl.schedules import from_head, learned_kind
+from evodiff_pl.schedules.grids import from_head, learned_kind
 
 log = logging.getLogger(__name__)
 

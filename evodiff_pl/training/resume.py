@@ -4,7 +4,7 @@
   settings differ in a way that changes what the run computes, and records the changes that are allowed.
 - `RunLock` gives one `train.py` at a time a run directory.
 - `PeriodicCheckpoint` writes `last.ckpt` and keeps `step-N.ckpt` archives (never overwritten);
-  `AtomicCheckpointIO` makes Lightning write atomically, stamped with a digest (`evodiff_pl.checkpointing`).
+  `AtomicCheckpointIO` makes Lightning write atomically, stamped with a digest (`evodiff_pl.io.checkpointing`).
 - `Preemption` turns SIGUSR1 (SLURM's warning before pre-emption or the time limit) and SIGTERM (scancel, the
   limit itself) into one consistent checkpoint at a step boundary on every rank, a requeue, and a non-zero exit.
 """
@@ -30,13 +30,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import OmegaConf
 
-from evodiff_pl.checkpointing import (
+from evodiff_pl.io.checkpointing import (
     CHECKPOINT_KEY, VERSION, CheckpointError, checkpoint_candidates, newest_checkpoint, read_checkpoint,
     write_checkpoint,
 )
-from evodiff_pl.config import Config
-from evodiff_pl.dist import world
-from evodiff_pl.fileio import atomic_copy
+from evodiff_pl.config.schema import Config
+from evodiff_pl.utils.dist import world
+from evodiff_pl.utils.fileio import atomic_copy
 
 IGNORED = ("run.dir", "run.resume", "run.name", "checkpoint", "logger", "evaluation", "entropic.plot_nfe",
            "trainer.progress_bar", "trainer.val_every_steps", "data.root", "data.download", "data.pin_memory",

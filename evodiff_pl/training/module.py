@@ -2,12 +2,11 @@
 
 Same answer on 1 or N processes: every rank draws the sigmas and noise (and, with `augment`, the augmentation
 parameters) of the whole global batch from generators seeded by (run seed, batch index) and keeps the slice
-`[rank::world_size]`, which matches the samples the rank holds (`evodiff_pl.data.InfiniteSampler` deals global
+`[rank::world_size]`, which matches the samples the rank holds (`evodiff_pl.data.stream.InfiniteSampler` deals global
 position k*W + r of a batch to rank r). As in EDM, the gradient is that of the per-sample loss summed over the
 sample's elements, averaged over the global batch (each rank's mean, averaged by DDP); the logged losses
 (`train/loss_per_elem`, `val/loss_ema_per_elem`) are the per-element means, as EDM's logged `Loss/loss`.
-Learning-rate warm-up and the EMA half-life are counted in images seen (`images_seen`, every consumed batch
-included, so they stay aligned with the data stream and the noise seeds).
+Learning rate, EMA and tracker run on images seen (`evodiff_pl.training.clock`, every consumed batch counted).
 
 The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of
 the network that samples: the EMA copy in eval mode, without grad, on the un-augmented first
@@ -38,57 +37,29 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from evodiff_pl.augment import augment, draw_params
-from evodiff_pl.checkpointing import CHECKPOINT_KEY, FORMAT, VERSION
-from evodiff_pl.config import EMAConfig, EntropicConfig, OptimConfig, PerfConfig, TrainConfig
-from evodiff_pl.dist import world
-from evodiff_pl.ema import ema_beta, update_ema
-from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss
-from evodiff_pl.head_schedule import head_schedule, trusted_range
-from evodiff_pl.losses import has_logvar_head
-from evodiff_pl.phema import PowerEMA, save_snapshot
-from evodiff_pl.precond import EDMLoss, EDMPrecond, LossOutput
-from evodiff_pl.seeding import derive_seed, rng_state, set_rng_state
+from evodiff_pl.config.schema import EMAConfig, EntropicConfig, OptimConfig, PerfConfig, TrainConfig
+from evodiff_pl.data.augment import augment, draw_params
+from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, FORMAT, VERSION
+from evodiff_pl.networks.precond import EDMPrecond, has_logvar_head
+from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.schedules.tracker import SigmaBinnedLoss
+from evodiff_pl.schedules.head import head_schedule, trusted_range
+from evodiff_pl.training.clock import lr_at, lr_edm2, tracker_decay, tracker_sigmas
+from evodiff_pl.training.ema import ema_beta, update_ema
+from evodiff_pl.training.loggers import cpu_scalars
+from evodiff_pl.training.losses import EDMLoss, LossOutput
+from evodiff_pl.training.nonfinite import skipped_since_logging, skipped_step, too_many
+from evodiff_pl.training.phema import PowerEMA
+from evodiff_pl.training.state import restore_training_state, training_state
+from evodiff_pl.utils.dist import world
+from evodiff_pl.utils.seeding import derive_seed
 
-
-LOSS_SCALE = "sum_over_elements"
-"""Checkpoints record the gradient scale of their Adam moments; those without it predate EDM's loss scale."""
 AUGMENT_STREAM = 1
 """The augmentation parameters of batch i come from derive_seed(seed, i, AUGMENT_STREAM) (σ and noise: (seed, i))."""
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive training steps had a non-finite loss or gradient."""
-
-
-def lr_at(images_seen: int, lr: float, rampup_images: int) -> float:
-    """Learning rate after `images_seen` images."""
-    # EDM training_loop.py: lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-    return lr * min(images_seen / max(rampup_images, 1e-8), 1.0)
-
-
-def tracker_decay(ema_decay: float | None, global_batch: int, ema_halflife_images: float) -> float:
-    """The tracker's per-step decay: `ema_decay`, or if None the decay whose half-life is that of the EMA weights, so
-    that the loss curve averages the same recent stretch of training as the sampling network does."""
-    return ema_beta(0, global_batch, ema_halflife_images, None) if ema_decay is None else float(ema_decay)
-
-
-def lr_edm2(images_seen: int, lr: float, rampup_images: int, ref_images: int) -> float:
-    """EDM2's learning rate: the warm-up of `lr_at`, divided by √(images_seen / ref_images) past ref_images."""
-    # EDM2 training_loop.py learning_rate_schedule: ref_lr / sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
-    decay = math.sqrt(max(images_seen / ref_images, 1.0)) if ref_images > 0 else 1.0
-    return lr_at(images_seen, lr, rampup_images) / decay
-
-
-def cpu_scalars(values: dict[str, float]) -> dict[str, Tensor]:
-    """Numbers as float64 CPU tensors: Lightning keeps a logged tensor on its device, so reading these back for the
-    logger or the progress bar never waits for the GPU (a logged Python float becomes a tensor on the GPU)."""
-    return {key: torch.tensor(value, dtype=torch.float64) for key, value in values.items()}
 
 
 class EDMModule(L.LightningModule):
@@ -127,13 +98,13 @@ class EDMModule(L.LightningModule):
             global_batch: samples per optimizer step over all processes (`data.batch_size`).
             seed: run seed; the σ and noise of batch i come from derive_seed(seed, i).
             sigma_range: (sigma_min, sigma_max), the noise range of the tracker bins and of sampling.
-            optim, ema, entropic, train: the config sections of those names (`evodiff_pl.config`; defaults if None):
+            optim, ema, entropic, train: the config sections of those names (`evodiff_pl.config.schema`; defaults if None):
                 Adam and its warm-up, EDM's EMA schedule, the tracker and its schedule, the non-finite-step limit.
             perf: channels-last weights and inputs, torch.compile of `net`, the device-side skip (module docstring).
             checkpoint_dir: where the checkpoint written before a non-finite stop goes.
             snapshot_dir: the run directory; ema.kind=power snapshots go to its `phema/` (none if None).
             meta: stored verbatim in every checkpoint (resolved config, network and data description).
-            augment: probability of EDM's geometric augmentation (`data.augment`, `evodiff_pl.augment`); 0 = off.
+            augment: probability of EDM's geometric augmentation (`data.augment`, `evodiff_pl.data.augment`); 0 = off.
                 Its 9-d parameters go to `net` as `augment_labels`.
         """
         super().__init__()
@@ -191,9 +162,7 @@ class EDMModule(L.LightningModule):
     def train(self, mode: bool = True) -> "EDMModule":
         """Lightning toggles train/eval on the whole module; the EMA copy always stays in eval mode."""
         super().train(mode)
-        self.ema.eval()
-        if self.power_ema is not None:
-            self.power_ema.eval()
+        (self.power_ema if self.power_ema is not None else self.ema).eval()  # self.ema is a power-EMA profile there
         return self
 
     def on_train_start(self) -> None:
@@ -235,7 +204,7 @@ class EDMModule(L.LightningModule):
         rank, world_size = world()
         if x0.shape[0] * world_size != self.global_batch:
             raise ValueError(f"got {x0.shape[0]} samples per process x {world_size} processes, expected the global "
-                             f"batch {self.global_batch}: train with the datamodule built by evodiff_pl.training")
+                             f"batch {self.global_batch}: train with the datamodule built by evodiff_pl.training.run")
         clean, augment_labels = x0, None  # the EMA pass of entropic.source=ema_eval sees the un-augmented images
         if self.augment:
             params = self.draw_augment(self.batches_seen)
@@ -264,21 +233,13 @@ class EDMModule(L.LightningModule):
         if final:
             self.trainer.should_stop = True  # Lightning then also validates (runs the evaluation callback) now
 
-    def tracker_sigmas(self, batch_index: int) -> Tensor:
-        """σ of the EMA pass at global positions 0 .. eval_positions - 1 of batch `batch_index` (float64): one
-        per equal stratum of ln σ over [sigma_min, sigma_max], all shifted by frac(batch_index·φ), φ = (√5 − 1)/2."""
-        # u_p = (p + frac(b φ)) / P, ln σ_p = ln σ_min + u_p (ln σ_max − ln σ_min)  (docs/method.md §3.3)
-        shift = math.fmod(batch_index * (math.sqrt(5.0) - 1.0) / 2.0, 1.0)
-        u = (torch.arange(self.eval_positions, dtype=torch.float64, device=self.device) + shift) / self.eval_positions
-        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
-        return (lo + u * (hi - lo)).exp()
-
     @torch.no_grad()
     def _ema_eval_loss(self, x0: Tensor, labels: Tensor, noise: Tensor) -> LossOutput:
         """entropic.source=ema_eval: the loss of the EMA network (eval mode, no dropout) on this rank's share of the
         clean batch's first `eval_positions` global positions, with the step's noise at `tracker_sigmas`."""
         rank, world_size = world()
-        sigma = self.tracker_sigmas(self.batches_seen)[rank::world_size].to(noise.dtype)  # local j = position jW + r
+        sigma = tracker_sigmas(self.batches_seen, self.eval_positions, self.sigma_min, self.sigma_max, self.device)
+        sigma = sigma[rank::world_size].to(noise.dtype)  # local j = position jW + r
         n = sigma.shape[0]
         if n == 0:
             return LossOutput(sigma, sigma, sigma, sigma)
@@ -324,9 +285,7 @@ class EDMModule(L.LightningModule):
         self._skipped.zero_()
         self.nonfinite_streak = int(streak)
         if skipped:
-            rank_zero_warn(f"step {self.global_step} (batch {self.batches_seen - 1}): {int(skipped)} non-finite "
-                           f"training step(s) skipped since the last logging step ({int(streak)} in a row now); no "
-                           "optimizer, EMA or tracker update for them")
+            rank_zero_warn(skipped_since_logging(self.global_step, self.batches_seen - 1, int(skipped), int(streak)))
             self._stop_if_too_many()
         if not streak:
             self._log_step(loss_sum / self.global_batch, lr, grad_norm)
@@ -356,28 +315,21 @@ class EDMModule(L.LightningModule):
 
     def _update_ema(self, keep: Tensor | None = None) -> None:
         """One EMA step for the batch being applied (before `images_seen` counts it); `keep` as `update_ema`."""
-        if self.power_ema is None:
-            beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
-            update_ema(self.ema, self.net, beta, keep=keep)
+        if self.power_ema is not None:
+            self.power_ema.update(self.net, self.images_seen + self.global_batch, self.global_batch, keep=keep)
             return
-        betas = self.power_ema.betas(self.images_seen + self.global_batch, self.global_batch)
-        for profile, beta in zip(self.power_ema.profiles, betas):
-            update_ema(profile, self.net, beta, keep=keep)
+        beta = ema_beta(self.images_seen, self.global_batch, self.ema_halflife_images, self.ema_rampup_ratio)
+        update_ema(self.ema, self.net, beta, keep=keep)
 
     def _snapshot_power_ema(self) -> None:
         """Write every power-EMA profile to RUN/phema when this batch took the images seen past a multiple of
         ema.snapshot_every_images (rank 0; the profiles are the same on every rank)."""
-        every = self.snapshot_every
-        if self.power_ema is None or not every or self.snapshot_dir is None:
-            return
-        crossed = self.images_seen // every != (self.images_seen - self.global_batch) // every
-        if not crossed or not self.trainer.is_global_zero:
+        if self.power_ema is None or self.snapshot_dir is None or not self.trainer.is_global_zero:
             return
         meta = {"format": FORMAT, "version": VERSION, **self.meta, "images_seen": self.images_seen,
                 "global_step": self.global_step,
                 "schedule": self.entropic_schedule.to_dict() if self.entropic_schedule is not None else None}
-        for std, profile in zip(self.power_ema.stds, self.power_ema.profiles):
-            save_snapshot(self.snapshot_dir, self.images_seen, std, profile, meta)
+        self.power_ema.snapshot(self.snapshot_dir, self.images_seen, self.global_batch, self.snapshot_every, meta)
 
     def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
         """Log the step's numbers (at logging steps), as CPU tensors so that Lightning never reads the device."""
@@ -393,36 +345,21 @@ class EDMModule(L.LightningModule):
 
     def _skip(self, batch_sigmas: Tensor, n_bad: float, loss_sum: float, grad_norm: float) -> None:
         self.nonfinite_streak += 1
-        shown = ", ".join(f"{s:.4g}" for s in batch_sigmas.tolist()[:32])
-        more = f", ... ({self.global_batch} in all)" if self.global_batch > 32 else ""
-        rank_zero_warn(
-            f"step {self.global_step} (batch {self.batches_seen - 1}): non-finite training step skipped "
-            f"({int(n_bad)} non-finite per-sample losses, loss sum {loss_sum:.4g}, gradient norm {grad_norm:.4g}); "
-            f"no optimizer, EMA or tracker update ({self.nonfinite_streak} in a row). Sigmas of the batch: "
-            f"[{shown}{more}]"
-        )
+        rank_zero_warn(skipped_step(self.global_step, self.batches_seen - 1, n_bad, loss_sum, grad_norm,
+                                    self.nonfinite_streak, batch_sigmas))
         self._stop_if_too_many()
 
     def _stop_if_too_many(self) -> None:
         """Checkpoint and raise NonFiniteTrainingError when the streak of skipped steps exceeds the limit."""
-        if self.nonfinite_streak > self.max_nonfinite_steps:
-            where = (f"{self.nonfinite_streak} consecutive training steps had a non-finite loss or gradient (more than "
-                     f"train.max_nonfinite_steps={self.max_nonfinite_steps}), at step {self.global_step} "
-                     f"(batch {self.batches_seen - 1})")
-            if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
-                raise NonFiniteTrainingError(
-                    f"{where}, and the weights themselves are not finite: they were so before this run's steps "
-                    "(a damaged or diverged checkpoint?). Nothing was saved; resume from an earlier checkpoint with "
-                    "run.resume=PATH"
-                )
-            path = None
-            if self.checkpoint_dir is not None:
-                path = self.checkpoint_dir / f"nonfinite-step{self.global_step}.ckpt"
-                self.trainer.save_checkpoint(path, weights_only=False)
-            raise NonFiniteTrainingError(
-                f"{where}; the weights are those of the last finite step" + (f" and were saved to {path}" if path else "")
-                + ". Lower optim.lr, use trainer.precision=32-true, or check the data."
-            )
+        if self.nonfinite_streak <= self.max_nonfinite_steps:
+            return
+        finite = all(bool(torch.isfinite(p).all()) for p in self.net.parameters())
+        path = None
+        if finite and self.checkpoint_dir is not None:
+            path = self.checkpoint_dir / f"nonfinite-step{self.global_step}.ckpt"
+            self.trainer.save_checkpoint(path, weights_only=False)
+        raise too_many(self.nonfinite_streak, self.max_nonfinite_steps, self.global_step, self.batches_seen - 1,
+                       finite, path)
 
     def rebuild_schedule(self) -> None:
         """Sync the tracker over ranks and rebuild the entropic schedule from it (call on every rank); also the
@@ -454,61 +391,9 @@ class EDMModule(L.LightningModule):
         out = self.loss_fn(self.ema, x0, labels if self.num_classes else None, sigma=sigma, noise=noise)
         self.log("val/loss_ema_per_elem", out.loss.mean(), on_step=False, on_epoch=True, sync_dist=True)
 
-    def _gather_rng_states(self) -> list[dict[str, Any]]:
-        state = rng_state()
-        if world()[1] == 1:
-            return [state]
-        states: list[Any] = [None] * world()[1]
-        dist.all_gather_object(states, state)
-        return states
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add the training state that Lightning does not keep (called on every rank, written by rank 0)."""
-        self.tracker.sync()
-        if self.sync_free:
-            self.nonfinite_streak = int(self._streak)
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": FORMAT,
-            "version": VERSION,
-            **self.meta,
-            "images_seen": self.images_seen,
-            "batches_seen": self.batches_seen,
-            "global_step": self.global_step,
-            "nonfinite_streak": self.nonfinite_streak,
-            "tracker": self.tracker.state_dict(),
-            "schedule": self.entropic_schedule.to_dict() if self.entropic_schedule is not None else None,
-            "schedule_version": self.schedule_version,
-            "rng": self._gather_rng_states(),
-            "loss_scale": LOSS_SCALE,
-        }
-
-    def _upgrade_adam_moments(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint from before EDM's loss scale holds Adam's moments of per-element-mean gradients: scale them
-        by n and n² (n elements per sample), so that the resumed steps see moments of their own scale."""
-        n = self.elements_per_sample
-        for optimizer in checkpoint.get("optimizer_states", []):
-            for moments in optimizer["state"].values():
-                moments["exp_avg"].mul_(n)
-                moments["exp_avg_sq"].mul_(n * n)
-        rank_zero_warn(f"the checkpoint predates EDM's loss scale (gradients summed over a sample's {n} elements): "
-                       f"Adam's moments were scaled by {n} and {n}² to match; its earlier steps used the old scale")
+        checkpoint[CHECKPOINT_KEY] = training_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint[CHECKPOINT_KEY]
-        if state.get("loss_scale") != LOSS_SCALE:
-            self._upgrade_adam_moments(checkpoint)
-        self.images_seen = int(state["images_seen"])
-        self.batches_seen = int(state["batches_seen"])
-        self.nonfinite_streak = int(state["nonfinite_streak"])
-        self._streak = torch.tensor(self.nonfinite_streak)
-        # the decay follows ema.halflife_images and data.batch_size when derived; both may change on resume
-        self.tracker.load_state_dict({**state["tracker"], "ema_decay": self.tracker.ema_decay})
-        schedule = state["schedule"]
-        self.entropic_schedule = EntropicSchedule.from_dict(schedule) if schedule is not None else None
-        self.schedule_version = int(state["schedule_version"])
-        rank, world_size = world()
-        rng = state["rng"]
-        if len(rng) != world_size:
-            rank_zero_warn(f"the checkpoint holds the RNG states of {len(rng)} processes, this run has {world_size}: "
-                           "dropout noise will differ from an uninterrupted run")
-        set_rng_state(rng[rank % len(rng)])
+        restore_training_state(self, checkpoint, checkpoint[CHECKPOINT_KEY])

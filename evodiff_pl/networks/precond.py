@@ -4,7 +4,7 @@ et al. 2024) and the EDM training loss (eq. (2)/(8))."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,11 +12,11 @@ from torch import Tensor, nn
 from evodiff_pl.networks.edm2 import MPConv, MPFourier, mp_conv
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _per_sample(sigma: Tensor | float, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def per_sample_sigma(sigma: Tensor | float, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """sigma as a (B,) tensor of `dtype`, from a (B,)-shaped, one-element or scalar input."""
     s = torch.as_tensor(sigma, dtype=dtype, device=device).reshape(-1)
     if s.numel() not in (1, batch):
@@ -52,10 +52,10 @@ class Precond(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None,
                 augment_labels: Tensor | None = None) -> Tensor:
-        """D(x, σ); `augment_labels` (B, 9) of `evodiff_pl.augment` reach backbones that take them (None = zero)."""
-        dtype = _compute_dtype(x.dtype)
+        """D(x, σ); `augment_labels` (B, 9) of `evodiff_pl.data.augment` reach backbones that take them (None = zero)."""
+        dtype = compute_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            s = _per_sample(sigma, x.shape[0], dtype, x.device)
+            s = per_sample_sigma(sigma, x.shape[0], dtype, x.device)
             c_skip, c_out, c_in, c_noise = (torch.as_tensor(c, dtype=dtype, device=x.device).expand(s.shape)
                                             .reshape(-1, *([1] * (x.ndim - 1))) for c in self.coefficients(s))
             x_in = c_in * x.to(dtype)
@@ -95,7 +95,7 @@ class EDM2Precond(EDMPrecond):
         if not return_logvar:
             return d
         with torch.autocast(x.device.type, enabled=False):
-            s = _per_sample(sigma, x.shape[0], _compute_dtype(x.dtype), x.device)
+            s = per_sample_sigma(sigma, x.shape[0], compute_dtype(x.dtype), x.device)
             logvar = self.logvar_linear(self.logvar_fourier(s.log() / 4))  # training mode: forced weight norm
         return d, logvar.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -103,7 +103,7 @@ class EDM2Precond(EDMPrecond):
         """u(σ) for a (K,) tensor of noise levels, (K,) float32 (float64 for float64 sigma); never updates the head's
         weight in place (its value as evaluated in eval mode)."""
         with torch.autocast(sigma.device.type, enabled=False):
-            c_noise = sigma.to(_compute_dtype(sigma.dtype)).reshape(-1).log() / 4
+            c_noise = sigma.to(compute_dtype(sigma.dtype)).reshape(-1).log() / 4
             return mp_conv(self.logvar_fourier(c_noise), self.logvar_linear.weight.to(torch.float32)).reshape(-1)
 
 
@@ -193,73 +193,6 @@ def build_precond(name: str, backbone: nn.Module, **kwargs: Any) -> Precond:
     return PRECONDS[name](backbone, **kwargs)
 
 
-class LossOutput(NamedTuple):
-    """Per-sample EDM loss terms, all (B,)."""
-
-    loss: Tensor
-    """λ(σ)·mean over elements of (D − x0)²; differentiable, unreduced. Training differentiates its batch mean
-    times the number of elements (EDM's sum over a sample's elements; `evodiff_pl.module`)."""
-    sigma: Tensor
-    """Noise level of each sample."""
-    mse: Tensor
-    """Mean over elements of (D − x0)² in x0 space; detached."""
-    weight: Tensor
-    """λ(σ)."""
-
-
-class EDMLoss:
-    """EDM training loss: ln σ ~ N(P_mean, P_std²), per-sample λ(σ)·‖D(x0 + σn, σ) − x0‖²/numel (eq. (2)/(8))."""
-
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5) -> None:
-        self.P_mean = float(P_mean)
-        self.P_std = float(P_std)
-        self.sigma_data = float(sigma_data)
-
-    def sample_sigma(self, n: int, *, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
-        """n float32 noise levels with ln σ ~ N(P_mean, P_std²) (EDM Table 1, "Noise distribution")."""
-        return (torch.randn(n, device=device, generator=generator) * self.P_std + self.P_mean).exp()
-
-    def weight(self, sigma: Tensor) -> Tensor:
-        """λ(σ) = (σ² + σ_d²)/(σ·σ_d)² = 1/c_out² (EDM Table 1, "Loss weighting")."""
-        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-
-    def noisy(self, x0: Tensor, sigma: Tensor | float | None, noise: Tensor | None,
-              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(σ per sample, x_σ = x0 + σ·n) for the given σ and noise, or fresh draws from `generator` (docs/method.md
-        §0); σ is float32 (float64 for float64 x0), x_σ has x0's dtype."""
-        batch, dtype = x0.shape[0], _compute_dtype(x0.dtype)
-        if sigma is None:
-            sigma = self.sample_sigma(batch, device=x0.device, generator=generator)
-        sigma = _per_sample(sigma, batch, dtype, x0.device)
-        if noise is None:
-            noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
-        elif noise.shape != x0.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-        return sigma, (x0.to(dtype) + s * noise.to(dtype)).to(x0.dtype)
-
-    def __call__(
-        self,
-        denoiser: Callable[..., Tensor],
-        x0: Tensor,
-        labels: Tensor | None = None,
-        *,
-        sigma: Tensor | float | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        augment_labels: Tensor | None = None,
-    ) -> LossOutput:
-        """Loss of `denoiser(x, sigma[, labels][, augment_labels=...])` on clean data x0 (B, ...).
-
-        sigma (scalar or (B,)) and noise (x0's shape) default to fresh draws from `generator`; pass
-        them to use common random numbers. x0 is the (augmented) training image and `augment_labels` its
-        augmentation's conditioning vector (`evodiff_pl.augment`), None without augmentation. Outputs are float32
-        (float64 for float64 x0).
-        """
-        batch, dtype = x0.shape[0], _compute_dtype(x0.dtype)
-        sigma, x_sigma = self.noisy(x0, sigma, noise, generator)
-        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
-        d = denoiser(x_sigma, sigma, **extra) if labels is None else denoiser(x_sigma, sigma, labels, **extra)
-        err = (d.to(dtype) - x0.to(dtype)).square().reshape(batch, -1).mean(dim=1)
-        weight = self.weight(sigma)
-        return LossOutput(loss=weight * err, sigma=sigma, mse=err.detach(), weight=weight)
+def has_logvar_head(net: nn.Module) -> bool:
+    """Whether `net` carries EDM2's log-variance head (a `logvar(sigma)` method and `return_logvar` in forward)."""
+    return callable(getattr(net, "logvar", None))

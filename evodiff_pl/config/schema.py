@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from evodiff_pl.keys import (ConfigError, check_kwargs, constructor_keys, did_you_mean, key_docs, signature_params,
+from evodiff_pl.config.keys import (ConfigError, check_kwargs, constructor_keys, did_you_mean, key_docs, signature_params,
                              suggest)
 
 
@@ -55,7 +55,7 @@ class ModelConfig:
     """Keyword arguments of the backbone's constructor; shape and label arguments (img_resolution,
     in_channels, out_channels, dim, label_dim) are filled in from the data."""
     precond: str = "edm"
-    """Preconditioning of the backbone (`evodiff_pl.precond.PRECONDS`): edm, vp, ve or iddpm (EDM Table 1; the
+    """Preconditioning of the backbone (`evodiff_pl.networks.precond.PRECONDS`): edm, vp, ve or iddpm (EDM Table 1; the
     VP/VE/iDDPM constants are NVlabs edm's defaults). The loss is EDM's for every choice."""
     sigma_data: float = 0.5
     """σ_d of the EDM preconditioning and loss weight."""
@@ -106,7 +106,7 @@ class EMAConfig:
     """ema.kind=power: relative standard deviations of the tracked profiles, each in (0, 0.2887)."""
     snapshot_every_images: int = 0
     """ema.kind=power: write every profile to RUN/phema/ each time the images seen pass a multiple of this (for the
-    post-hoc EMA, `python -m evodiff_pl.phema`); 0: no snapshots."""
+    post-hoc EMA, `python -m evodiff_pl.training.phema`); 0: no snapshots."""
 
 
 @dataclass
@@ -214,7 +214,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: Dict[str, Any] = field(default_factory=lambda: {"name": "digits", "batch_size": 128, "num_workers": 0})
-    """`name` (a dataset in `evodiff_pl.data.DATASETS`) and its constructor's keyword arguments;
+    """`name` (a dataset in `evodiff_pl.data.datasets.DATASETS`) and its constructor's keyword arguments;
     `batch_size` is the global batch (all processes together); `num_workers` and `pin_memory` set the loader."""
     entropic: EntropicConfig = field(default_factory=EntropicConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -222,7 +222,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     evaluation: Dict[str, Any] = field(default_factory=lambda: {"enabled": True})
-    """`enabled` and the keyword arguments of `evodiff_pl.evaluation.SampleQualityCallback` (out_dir
+    """`enabled` and the keyword arguments of `evodiff_pl.evaluation.callback.SampleQualityCallback` (out_dir
     defaults to run.dir)."""
 
 
@@ -277,7 +277,7 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.optim.ref_images < 0 or cfg.ema.snapshot_every_images < 0:
         raise ConfigError("optim.ref_images and ema.snapshot_every_images must be >= 0")
     if cfg.ema.kind == "power":
-        from evodiff_pl.phema import MAX_STD
+        from evodiff_pl.training.phema import MAX_STD
 
         bad = [s for s in cfg.ema.stds if not 0 < s < MAX_STD]
         if not cfg.ema.stds or bad:
@@ -295,10 +295,10 @@ def _check_values(cfg: DictConfig) -> None:
 
 def check_forwarded(cfg: DictConfig) -> None:
     """Validate the sections forwarded to constructors (network, datamodule, evaluation callback)."""
-    from evodiff_pl.data import DATASETS
-    from evodiff_pl.evaluation import SampleQualityCallback
+    from evodiff_pl.data.datasets import DATASETS
+    from evodiff_pl.evaluation.callback import SampleQualityCallback
     from evodiff_pl.networks import NETWORKS
-    from evodiff_pl.precond import PRECONDS
+    from evodiff_pl.networks.precond import PRECONDS
 
     if cfg.model.precond not in PRECONDS:
         raise ConfigError(f"model.precond={cfg.model.precond!r} is not a preconditioning"
@@ -332,8 +332,8 @@ def check_forwarded(cfg: DictConfig) -> None:
 
 def usage() -> str:
     """train.py's key reference: every key of the schema with its default and documentation."""
-    from evodiff_pl.data import DATASETS
-    from evodiff_pl.evaluation import SampleQualityCallback
+    from evodiff_pl.data.datasets import DATASETS
+    from evodiff_pl.evaluation.callback import SampleQualityCallback
     from evodiff_pl.networks import NETWORKS
 
     derived = ("img_resolution", "in_channels", "out_channels", "dim", "label_dim", "seed")

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from evodiff_pl.entropic import EntropicSchedule
-from evodiff_pl.losses import has_logvar_head
+from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.networks.precond import has_logvar_head
 
 TRUST_STDS = 2.5
 """The head is trusted on ln σ ∈ P_mean ± TRUST_STDS·P_std: 98.8 % of the training noise levels (one in 160 lies

@@ -27,21 +27,24 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from evodiff_pl.augment import AUGMENT_DIM
-from evodiff_pl.checkpointing import CheckpointError
-from evodiff_pl.config import DEFAULT_CONFIG, ConfigError, load_config, to_dict, usage
-from evodiff_pl.data import DataError, DatasetNotFoundError, DiffusionDataModule, build_from_config
-from evodiff_pl.fileio import atomic_write_text, remove_stale_temps
-from evodiff_pl.evaluation import SampleQualityCallback
-from evodiff_pl.loggers import (PlainProgress, ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb,
+from evodiff_pl.data.augment import AUGMENT_DIM
+from evodiff_pl.io.checkpointing import CheckpointError
+from evodiff_pl.config.schema import DEFAULT_CONFIG, ConfigError, load_config, to_dict, usage
+from evodiff_pl.data.datasets import DataError, DatasetNotFoundError, build_from_config
+from evodiff_pl.data.stream import DiffusionDataModule
+from evodiff_pl.utils.fileio import atomic_write_text, remove_stale_temps
+from evodiff_pl.evaluation.callback import SampleQualityCallback
+from evodiff_pl.training.loggers import (PlainProgress, ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb,
                                 is_terminal, use_kimg_axis)
-from evodiff_pl.keys import signature_params
-from evodiff_pl.metrics import InceptionWeightsError
-from evodiff_pl.module import EDMModule, NonFiniteTrainingError
+from evodiff_pl.config.keys import signature_params
+from evodiff_pl.evaluation.metrics import InceptionWeightsError
+from evodiff_pl.training.module import EDMModule
+from evodiff_pl.training.nonfinite import NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
-from evodiff_pl.losses import LOSSES, has_logvar_head
-from evodiff_pl.precond import build_precond
-from evodiff_pl.resume import (
+from evodiff_pl.networks.precond import has_logvar_head
+from evodiff_pl.training.losses import LOSSES
+from evodiff_pl.networks.precond import build_precond
+from evodiff_pl.training.resume import (
     STOP, AtomicCheckpointIO, PeriodicCheckpoint, Preempted, Preemption, ResumePoint, RunLock, RunLockedError,
     mark_completed, resume_checkpoint,
 )

@@ -33,10 +33,10 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
-from evodiff_pl.dist import all_reduce_sum_sync
-from evodiff_pl.downloads import download_timeout
-from evodiff_pl.fileio import atomic_write
-from evodiff_pl.images import to_uint8
+from evodiff_pl.utils.dist import all_reduce_sum_sync
+from evodiff_pl.utils.downloads import download_timeout
+from evodiff_pl.utils.fileio import atomic_write
+from evodiff_pl.utils.images import to_uint8
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -165,7 +165,7 @@ def _fingerprint(extractor: nn.Module) -> str:
 
 
 class RealData(Protocol):
-    """What the reference statistics are computed from (the datamodules of `evodiff_pl.data`)."""
+    """What the reference statistics are computed from (the datamodules of `evodiff_pl.data.stream`)."""
 
     def stats_key(self) -> str: ...
 
@@ -260,7 +260,7 @@ class FrechetScore:
     def prepare_real(self, data: RealData, *, rank: int = 0) -> Path:
         """Load (or compute and cache) the reference statistics into the metric on rank 0; zeros elsewhere.
 
-        Rank 0 writes the cache atomically (`evodiff_pl.fileio`). Returns the cache path.
+        Rank 0 writes the cache atomically (`evodiff_pl.utils.fileio`). Returns the cache path.
         """
         path = self.cache_path(data.stats_key())
         if rank != 0:

@@ -7,7 +7,7 @@ each of their "persistent" objects carries; this reader never does. A restricted
 their persistence records (kept as `PersistentRecord`: class name, state and init arguments; the embedded
 source is ignored), torch tensors and storages (through `torch.load(weights_only=True)`), numpy scalars and
 arrays and plain containers, and refuses every other global with a one-line error naming it. The network is then rebuilt
-from the recorded class names and init kwargs with this package's own classes (`evodiff_pl.precond`,
+from the recorded class names and init kwargs with this package's own classes (`evodiff_pl.networks.precond`,
 `evodiff_pl.networks`: the same parameter layout) and loaded with the recorded weights. An edm2 pickle's
 `encoder` record says how its samples become pixels: [-1, 1] pixels (StandardRGBEncoder) or Stable Diffusion VAE
 latents (StabilityVAEEncoder), decoded by `StabilityVAEDecoder` with a local copy of that VAE (diffusers).
@@ -32,12 +32,12 @@ try:
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import scalar as _np_scalar
 
-from evodiff_pl.checkpointing import CheckpointError, LoadedCheckpoint
+from evodiff_pl.io.checkpointing import CheckpointError, LoadedCheckpoint
 from evodiff_pl.networks import build_network
-from evodiff_pl.precond import build_precond
+from evodiff_pl.networks.precond import build_precond
 
 PRECONDS = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve", "iDDPMPrecond": "iddpm"}
-"""NVlabs edm preconditioner class -> `evodiff_pl.precond.PRECONDS` name."""
+"""NVlabs edm preconditioner class -> `evodiff_pl.networks.precond.PRECONDS` name."""
 NETWORKS = {"SongUNet": "songunet", "DhariwalUNet": "dhariwalunet"}
 """NVlabs edm backbone class -> `evodiff_pl.networks.NETWORKS` name."""
 DEFAULT_MODEL = {"EDMPrecond": "DhariwalUNet", "VPPrecond": "SongUNet", "VEPrecond": "SongUNet",

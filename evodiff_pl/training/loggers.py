@@ -27,15 +27,24 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+import torch
 from matplotlib.figure import Figure
+from torch import Tensor
 
-from evodiff_pl.entropic import EntropicSchedule, SigmaBinnedLoss, edm_loss_weight
-from evodiff_pl.fileio import atomic_write_text
-from evodiff_pl.schedules import karras
+from evodiff_pl.schedules.entropic import EntropicSchedule, edm_loss_weight
+from evodiff_pl.schedules.tracker import SigmaBinnedLoss
+from evodiff_pl.utils.fileio import atomic_write_text
+from evodiff_pl.schedules.grids import karras
 
 RUN_ID_FILE = "wandb_run_id"
 STEP_METRIC = "train/kimg"
 """The x axis of every W&B chart: thousands of images seen."""
+
+
+def cpu_scalars(values: dict[str, float]) -> dict[str, Tensor]:
+    """Numbers as float64 CPU tensors: Lightning keeps a logged tensor on its device, so reading these back for the
+    logger or the progress bar never waits for the GPU (a logged Python float becomes a tensor on the GPU)."""
+    return {key: torch.tensor(value, dtype=torch.float64) for key, value in values.items()}
 
 
 def wandb_base_url() -> str:

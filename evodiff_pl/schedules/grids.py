@@ -10,7 +10,7 @@ from torch import Tensor
 
 
 class LearnedSchedule(Protocol):
-    """Anything that places n_steps + 1 levels itself (e.g. `evodiff_pl.entropic.EntropicSchedule`)."""
+    """Anything that places n_steps + 1 levels itself (e.g. `evodiff_pl.schedules.entropic.EntropicSchedule`)."""
 
     kind: str
 
@@ -30,7 +30,7 @@ def logsnr(n_steps: int, sigma_min: float, sigma_max: float) -> Tensor:
 
 
 HEAD_PREFIX = "head_"
-"""Schedule names with this prefix are built from an EDM2 network's log-variance head (`evodiff_pl.head_schedule`)."""
+"""Schedule names with this prefix are built from an EDM2 network's log-variance head (`evodiff_pl.schedules.head`)."""
 
 
 def from_head(name: str) -> bool:

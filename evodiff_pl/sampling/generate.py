@@ -3,7 +3,7 @@
 Sample j of a run with base seed s draws its initial noise, its class label and then the noise of a
 stochastic solver from a `torch.Generator` seeded with s + j, so an image depends only on (j, s): never on the
 batch size, the number of processes or the device (the generators are on the CPU unless a protocol says
-otherwise). The validation callback (`evodiff_pl.evaluation`) and `sample.py` both generate through `generate`.
+otherwise). The validation callback (`evodiff_pl.evaluation.callback`) and `sample.py` both generate through `generate`.
 
 Protocols (`PROTOCOLS`, the fourth field of a spec "solver/schedule/nfe/protocol"): `default` as above;
 `edm` is NVlabs edm's generate.py: the grid ends with a plain Euler step to σ = 0 (`denoise_to_zero`, +1 NFE:
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from evodiff_pl.schedules import SCHEDULES, LearnedSchedule, get_sigmas
+from evodiff_pl.schedules.grids import SCHEDULES, LearnedSchedule, get_sigmas
 from evodiff_pl.solvers import SOLVERS, STOCHASTIC, nfe, per_sample_noise, solve
 
 
@@ -168,7 +168,7 @@ class EvalSpec:
     solver: str
     """A name of `evodiff_pl.solvers.SOLVERS`."""
     schedule: str
-    """A name of `evodiff_pl.schedules.SCHEDULES`."""
+    """A name of `evodiff_pl.schedules.grids.SCHEDULES`."""
     nfe: int
     """Total denoiser calls per sample; the number of steps follows from the solver's `nfe()`."""
     protocol: str = "default"

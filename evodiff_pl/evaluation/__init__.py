@@ -1,0 +1,1 @@
+"""Scores: Fréchet distances and their feature extractors (`metrics`, `classifier`), the validation callback."""

@@ -1,0 +1,53 @@
+"""The body of `sample.py`: generate and score from a checkpoint, sweep solver settings, estimate a schedule.
+
+`main(argv)` parses `key=value` arguments into `SampleConfig` (`options`), `job.build` validates all of them
+against the checkpoint (`plan` lays out the solver x schedule x NFE sweep) before any output is written,
+`job.run` generates and scores every setting and writes the outputs (`outputs`), and `estimate.estimate`
+runs the dedicated entropic-time pass instead. Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1) a gloo
+or NCCL process group is initialised from the environment and every rank takes part.
+
+Outputs in `outdir` for each setting `<solver>_<schedule>_nfe<N>`: PNGs `<name>/[<folder>/]<seed:06d>.png`,
+`<name>.npz` (`seeds` int64 and `images` uint8 (N, H, W, C), or `samples` float32 (N, D) for vector data),
+and the table of all settings as `scores.csv` and `scores.md`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from evodiff_pl.io.checkpointing import CheckpointError
+from evodiff_pl.data.image_files import DatasetNotFoundError
+from evodiff_pl.evaluation.metrics import InceptionWeightsError
+from evodiff_pl.utils.dist import process_group
+from evodiff_pl.sampling.estimate import estimate, estimated_schedule_path, training_samples
+from evodiff_pl.sampling.job import SamplingJob, build, checkpoint_data, resolve_device, run, run_plan
+from evodiff_pl.sampling.options import SampleConfig, SampleError, parse_args, usage
+
+__all__ = [
+    "SampleConfig", "SampleError", "SamplingJob", "build", "checkpoint_data", "estimate", "estimated_schedule_path",
+    "main", "run", "run_plan", "training_samples",
+]
+
+USER_ERRORS = (SampleError, CheckpointError, DatasetNotFoundError, InceptionWeightsError)
+"""Errors reported as one line (no traceback) by `main`."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python sample.py key=value ...` (see `usage()`); known errors print one line and return 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    try:
+        cfg = parse_args(argv)
+        with process_group(resolve_device(cfg.device)):
+            job = build(cfg)
+            if cfg.estimate_schedule:
+                estimate(job)
+            else:
+                run(job)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0

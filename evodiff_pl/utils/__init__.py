@@ -1,0 +1,1 @@
+"""Small shared helpers: ranks and all-reduce, atomic files, derived seeds, uint8 images, downloads."""
