@@ -33,7 +33,7 @@ def median_rmse(x: Tensor, reference: Tensor) -> float:
 
 
 def slack_rmse(slack: float) -> Objective:
-    """LD3 (Tong et al. 2024, eq. 9) in endpoint space: mean_i max(0, d_i - r), landing within r is free."""
+    """LD3's slack (Tong et al. 2024, docs/method.md §2.7) in endpoint space: mean_i max(0, d_i - r)."""
 
     def objective(x: Tensor, reference: Tensor) -> float:
         return (per_sample_rmse(x, reference) - slack).clamp(min=0).mean().item()
