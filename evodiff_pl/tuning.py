@@ -151,7 +151,7 @@ def _check(solver: str, x_T: Tensor, sigmas: Tensor, target_nfe: int | None, sol
         raise ValueError(str(err)) from None
     if target_nfe is not None and calls != target_nfe:
         raise ValueError(f"{solver} makes {calls} denoiser calls on a grid of {s.numel()} levels, not nfe="
-                         f"{target_nfe} (evodiff_pl.generate.steps_for_nfe gives the steps for an NFE)")
+                         f"{target_nfe} (evodiff_pl.sampling.generate.steps_for_nfe gives the steps for an NFE)")
     return s
 
 

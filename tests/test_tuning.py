@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from evodiff_pl.entropic import EntropicSchedule
+from evodiff_pl.schedules.entropic import EntropicSchedule
 from evodiff_pl.schedules import get_sigmas
 from evodiff_pl.solvers import solve
 from evodiff_pl.toy import GaussianMixture
