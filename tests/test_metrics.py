@@ -1,7 +1,5 @@
-import math
 import os
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
