@@ -1,6 +1,8 @@
+import math
 import sys
 import types
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -56,3 +58,17 @@ def fake_persistence(monkeypatch: pytest.MonkeyPatch) -> type:
             return (_reconstruct_persistent_obj, (self.meta,))
 
     return Record
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity's InceptionV3 with random weights (no download), conv weights scaled to keep activations O(1)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    state = {k: v * math.sqrt(6) if k.endswith("conv.weight") else v for k, v in net.state_dict().items()}
+    path = tmp_path_factory.mktemp("inception") / "weights-random.pth"
+    torch.save(state, path)
+    return path

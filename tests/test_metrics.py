@@ -1,7 +1,5 @@
-import math
 import os
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -154,20 +152,6 @@ def test_reference_statistics_live_on_rank_zero_only(tmp_path):
 
 
 # ---- Inception (offline: a generated state dict with the right keys) ----
-
-
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    """torch-fidelity's InceptionV3 with random weights (no download), conv weights scaled to keep activations O(1)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    state = {k: v * math.sqrt(6) if k.endswith("conv.weight") else v for k, v in net.state_dict().items()}
-    path = tmp_path_factory.mktemp("inception") / "weights-random.pth"
-    torch.save(state, path)
-    return path
 
 
 def test_inception_path_runs_offline_and_matches_torch_fidelity(random_inception_weights, tmp_path):

@@ -14,7 +14,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from evodiff_pl.io.denoiser import load_denoiser
 from evodiff_pl.sampling.generate import EvalSpec, generate, rank_indices
+from evodiff_pl.sampling.guidance import Denoiser, guide_of, guided
 from evodiff_pl.utils.images import save_grid, to_uint8
 from evodiff_pl.evaluation.metrics import FrechetScore, build_extractor
 from evodiff_pl.sampling.plan import with_kind
@@ -55,12 +57,14 @@ class SampleQualityCallback(L.Callback):
         grid_size: int = 64,
         out_dir: str | os.PathLike | None = None,
         progress_every_s: float = 60.0,
+        gnet: str | os.PathLike | None = None,
     ) -> None:
         """
         Args:
             specs: evaluation settings, as EvalSpec or "solver/schedule/nfe[/protocol]" strings (e.g.
                 "evodiff/rescaled_entropic/10", "dpmpp_2m/logsnr/10", "heun/karras/36": heun makes
-                2 NFE per step, so its NFE is even; "heun/karras/35/edm": EDM's generate.py protocol).
+                2 NFE per step, so its NFE is even; "heun/karras/35/edm": EDM's generate.py protocol;
+                "heun/karras/35/edm/guidance=1.5/class=3": guided, every sample of class 3).
             num_samples: generated samples per spec and evaluation, over all ranks.
             every_n_evals: evaluate at every n-th validation epoch (sanity check excluded).
             every_n_images: evaluate at the first validation after each multiple of n training images
@@ -74,6 +78,8 @@ class SampleQualityCallback(L.Callback):
             grid_size: images in each spec's sample grid; 0 disables the grids.
             out_dir: the grids go to out_dir/grids; default the trainer's default_root_dir.
             progress_every_s: rank 0 reports the evaluation's progress (samples, img/s, ETA) at most this often.
+            gnet: the guiding network of the specs with guidance (a run directory, .ckpt or NVlabs pickle; its EMA
+                weights); None: such specs use classifier-free guidance with the null label.
         """
         super().__init__()
         self.specs = [EvalSpec.parse(s) for s in specs]
@@ -103,6 +109,7 @@ class SampleQualityCallback(L.Callback):
         self.progress_every_s = progress_every_s
         # Build (and so check) the Inception weights now, not after the first training epoch.
         self._extractor = build_extractor(feature, weights_path=weights_path) if feature != "pixels" else None
+        self._gnet = load_denoiser(gnet) if gnet is not None else None
         self.score: FrechetScore | None = None
         self._evals = 0
         self._last_bucket = 0
@@ -123,6 +130,7 @@ class SampleQualityCallback(L.Callback):
         """Build the score and load (or compute and cache, on rank 0) the reference statistics."""
         if self.score is not None or stage not in ("fit", "validate"):
             return
+        self._check_guidance(pl_module)
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "real_images"):
             raise ValueError("SampleQualityCallback needs a datamodule with shape, stats_key() and real_images()")
@@ -133,6 +141,24 @@ class SampleQualityCallback(L.Callback):
         start = time.perf_counter()
         path = self.score.prepare_real(dm, rank=trainer.global_rank)
         rank_zero_info(f"{self.score.name}: reference statistics {path} ({time.perf_counter() - start:.1f} s)")
+
+    def _check_guidance(self, pl_module: L.LightningModule) -> None:
+        """ValueError for a spec's class or guidance that the network (and gnet) cannot have."""
+        classes = pl_module.num_classes
+        if self._gnet is not None:
+            self._gnet.denoiser.to(pl_module.device)
+            if self._gnet.meta["sample_shape"] != list(pl_module.sample_shape):
+                raise ValueError(f"evaluation.gnet makes samples of shape {self._gnet.meta['sample_shape']}, the "
+                                 f"network {list(pl_module.sample_shape)}")
+        for spec in self.specs:
+            if spec.class_label is not None and spec.class_label >= classes:
+                raise ValueError(f"spec {spec.name}: class {spec.class_label} is not a class of the network "
+                                 f"({classes} classes)")
+            self._denoiser(pl_module, spec)
+
+    def _denoiser(self, pl_module: L.LightningModule, spec: EvalSpec) -> Denoiser:
+        """The EMA denoiser, guided as `spec` says."""
+        return guided(pl_module.ema, spec.guidance, pl_module.num_classes, *guide_of(self._gnet))
 
     def _due(self, pl_module: L.LightningModule) -> bool:
         self._evals += 1
@@ -177,7 +203,7 @@ class SampleQualityCallback(L.Callback):
     def _sample(self, pl_module: L.LightningModule, spec: EvalSpec, sigmas: Tensor, indices: Tensor) -> Tensor:
         """The samples of `indices` under `spec`, float in the data's range."""
         return generate(
-            pl_module.ema, indices, tuple(pl_module.sample_shape), solver=spec.solver, sigmas=sigmas,
+            self._denoiser(pl_module, spec), indices, tuple(pl_module.sample_shape), solver=spec.solver, sigmas=sigmas,
             seed=self.seed, batch_size=self.batch_size, num_classes=pl_module.num_classes, device=pl_module.device,
             **spec.generate_options,
         )

@@ -7,6 +7,8 @@ outer products on every rank, summed once at `compute()`) with a feature extract
   features, TF-style bilinear resize without antialiasing as in EDM's numbers); grey images are repeated
   to RGB. Offline clusters pass `weights_path` (torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`,
   `INCEPTION_FILE`).
+- "dinov2": FD-DINOv2's 1024-d DINOv2 ViT-L/14 features (`evodiff_pl.evaluation.dinov2`; local weights via
+  `weights_path`).
 - "pixels": the flattened uint8 pixel values (as float64) of images, or the raw vectors of vector data
   (gmm); a cheap, offline distance for tiny images. It is called FD, never FID.
 
@@ -26,13 +28,16 @@ import math
 import os
 import re
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
+from evodiff_pl.evaluation.dinov2 import DINOv2Features
 from evodiff_pl.utils.dist import all_reduce_sum_sync
 from evodiff_pl.utils.downloads import download_timeout
 from evodiff_pl.utils.fileio import atomic_write
@@ -145,14 +150,16 @@ class InceptionFeatures(nn.Module):
 def build_extractor(
     feature: str, shape: tuple[int, ...] | None = None, weights_path: str | os.PathLike | None = None
 ) -> nn.Module:
-    """The extractor named `feature` ("pixels" needs the sample shape, "inception" takes weights_path)."""
+    """The extractor named `feature` ("pixels" needs the sample shape, "inception" and "dinov2" take weights_path)."""
     if feature == "pixels":
         if shape is None:
             raise ValueError("feature='pixels' needs the sample shape")
         return PixelFeatures(shape)
     if feature == "inception":
         return InceptionFeatures(weights_path)
-    raise ValueError(f"unknown feature {feature!r}; valid: pixels, inception (or pass an nn.Module)")
+    if feature == "dinov2":
+        return DINOv2Features(weights_path)
+    raise ValueError(f"unknown feature {feature!r}; valid: pixels, inception, dinov2 (or pass an nn.Module)")
 
 
 def _fingerprint(extractor: nn.Module) -> str:
@@ -210,7 +217,10 @@ class FrechetScore:
         self.num_real = num_real
         self.batch_size = batch_size
         self.stats_dir = Path(stats_dir).expanduser() if stats_dir is not None else default_stats_dir()
-        self.metric = FrechetInceptionDistance(
+        self.metric = self._make_metric(extractor)
+
+    def _make_metric(self, extractor: nn.Module) -> Metric:
+        return FrechetInceptionDistance(
             feature=extractor, reset_real_features=False, normalize=False, dist_sync_fn=all_reduce_sum_sync
         )
 
@@ -252,8 +262,13 @@ class FrechetScore:
         m.real_features_num_samples = stats["count"].to(dev, torch.int64)
 
     def _extract_real(self, real: Tensor) -> dict[str, Tensor]:
+        return self.real_statistics(real.split(self.batch_size))
+
+    def real_statistics(self, batches: Iterable[Tensor]) -> dict[str, Tensor]:
+        """Make the reference statistics those of `batches` of real samples (uint8 images or vectors) and return
+        them (sum, outer_sum, count; KID: features)."""
         self._set_real(None)
-        for batch in real.split(self.batch_size):
+        for batch in batches:
             self.metric.update(batch.to(self.device), real=True)
         return self._features_state()
 
@@ -296,9 +311,12 @@ class FrechetScore:
     def compute(self) -> float:
         """The distance over every rank's samples; call it on every rank (it synchronises)."""
         try:
-            return float(self.metric.compute())
+            return self._value()
         except BaseException:
             # A failing compute leaves torchmetrics' state synced (summed over ranks): restore the local state.
             with contextlib.suppress(TorchMetricsUserError):  # raised when it was not synced
                 self.metric.unsync()
             raise
+
+    def _value(self) -> float:
+        return float(self.metric.compute())

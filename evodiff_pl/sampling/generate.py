@@ -15,6 +15,7 @@ per-seed generators live on the sampling device, so the images equal generate.py
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -50,9 +51,11 @@ def initial_noise(
 
 
 def _draw_initial(
-    indices: Tensor, shape: tuple[int, ...], seed: int, num_classes: int, device: torch.device | str = "cpu"
+    indices: Tensor, shape: tuple[int, ...], seed: int, num_classes: int, device: torch.device | str = "cpu",
+    class_label: int | None = None,
 ) -> tuple[Tensor, Tensor | None, list[torch.Generator]]:
-    """`initial_noise`, plus each sample's generator, left where a stochastic solver continues drawing."""
+    """`initial_noise`, plus each sample's generator, left where a stochastic solver continues drawing; a
+    `class_label` replaces every drawn label (drawn all the same, as edm2's --class, so the draws that follow stay)."""
     device = torch.device(device)
     noise = torch.empty(len(indices), *shape, device=device)
     labels = torch.empty(len(indices), dtype=torch.int64, device=device) if num_classes > 0 else None
@@ -63,6 +66,8 @@ def _draw_initial(
         if labels is not None:
             labels[row] = torch.randint(num_classes, (), generator=g, device=device)
         generators.append(g)
+    if labels is not None and class_label is not None:
+        labels.fill_(class_label)
     return noise, labels, generators
 
 
@@ -89,6 +94,7 @@ def generate(
     dtype: torch.dtype = torch.float32,
     net_dtype: torch.dtype | None = None,
     noise_on_device: bool = False,
+    class_label: int | None = None,
     progress: bool = False,
     **solver_options,
 ) -> Tensor:
@@ -107,6 +113,7 @@ def generate(
         dtype: dtype of the state x (float32 for networks, float64 for exact testbeds).
         net_dtype: dtype the denoiser is called in, if not x's (edm: a float64 state around a float32 network).
         noise_on_device: draw noise and labels with generators on `device` (edm's generate.py) instead of the CPU.
+        class_label: the class of every sample (0 <= class_label < num_classes); None: each sample's drawn class.
         progress: show a tqdm bar with images/s.
         **solver_options: passed to the solver (e.g. lower_order_final, denoise_to_zero). A stochastic
             solver (`STOCHASTIC`) gets noise= from each sample's generator, after its initial draws.
@@ -114,6 +121,9 @@ def generate(
     indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise ValueError(f"class {class_label} is not a class of this network (it has {num_classes}: 0-"
+                         f"{num_classes - 1})" if num_classes else f"class {class_label} given to an unconditional network")
     if "noise" in solver_options:
         raise ValueError("generate draws a stochastic solver's noise from each sample's seed; do not pass noise=")
     stochastic = solver in STOCHASTIC
@@ -123,7 +133,7 @@ def generate(
     with torch.no_grad(), tqdm(total=len(indices), unit="img", disable=not progress, desc=solver) as bar:
         for chunk in indices.split(batch_size) if len(indices) else ():
             noise, labels, generators = _draw_initial(chunk, shape, seed, num_classes,
-                                                      device if noise_on_device else "cpu")
+                                                      device if noise_on_device else "cpu", class_label)
             x = noise.to(device=device, dtype=dtype) * sigma_max
             fn = _bind(denoiser, None if labels is None else labels.to(device), net_dtype)
             extra = {"noise": per_sample_noise(generators)} if stochastic else {}
@@ -159,10 +169,11 @@ def needs_learned_schedule(schedule: str) -> bool:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """One evaluation setting: a solver on a schedule at a total number of denoiser calls (NFE).
+    """One evaluation setting: a solver on a schedule at a total number of denoiser calls (NFE), optionally guided
+    (`evodiff_pl.sampling.guidance`) and with one class for every sample.
 
-    Validated on construction: unknown solver or schedule, or an NFE the solver cannot make
-    (e.g. odd for heun, 2 per step), raise ValueError.
+    Validated on construction: unknown solver or schedule, an NFE the solver cannot make (e.g. odd for heun, 2 per
+    step), a guidance weight that is not finite or a negative class raise ValueError.
     """
 
     solver: str
@@ -173,6 +184,10 @@ class EvalSpec:
     """Total denoiser calls per sample; the number of steps follows from the solver's `nfe()`."""
     protocol: str = "default"
     """A name of `PROTOCOLS`: `edm` adds EDM's final Euler step to σ = 0 (counted in nfe) and its seeding."""
+    guidance: float = 1.0
+    """Guidance weight w (1: none): D = gnet + w·(net − gnet), see `evodiff_pl.sampling.guidance.guided`."""
+    class_label: int | None = None
+    """The class of every sample; None: each sample's own random class (conditional networks)."""
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -181,25 +196,41 @@ class EvalSpec:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"guidance={self.guidance} must be a finite number (1: no guidance)")
+        if self.class_label is not None and self.class_label < 0:
+            raise ValueError(f"class={self.class_label} must be >= 0")
         steps_for_nfe(self.solver, self.nfe, **self.solver_options)
 
     @classmethod
     def parse(cls, spec: "EvalSpec | str | Mapping") -> "EvalSpec":
-        """From an EvalSpec, a "solver/schedule/nfe[/protocol]" string or a mapping with those keys."""
+        """From an EvalSpec, a "solver/schedule/nfe[/protocol][/guidance=W][/class=K]" string or a mapping with
+        those keys (solver, schedule, nfe, protocol, guidance, class)."""
         if isinstance(spec, EvalSpec):
             return spec
         if isinstance(spec, str):
             parts = spec.split("/")
-            if len(parts) not in (3, 4) or not parts[2].isdigit():
-                raise ValueError("expected 'solver/schedule/nfe' or 'solver/schedule/nfe/protocol' (e.g. "
-                                 f"'evodiff/rescaled_entropic/10', 'heun/karras/35/edm'), got {spec!r}")
-            return cls(parts[0], parts[1], int(parts[2]), *parts[3:])
-        return cls(spec["solver"], spec["schedule"], int(spec["nfe"]), spec.get("protocol", "default"))
+            options = dict(part.split("=", 1) for part in parts[3:] if "=" in part)
+            rest = [part for part in parts[3:] if "=" not in part]
+            if len(parts) < 3 or not parts[2].isdigit() or len(rest) > 1 or set(options) - {"guidance", "class"}:
+                raise ValueError("expected 'solver/schedule/nfe[/protocol][/guidance=W][/class=K]' (e.g. "
+                                 f"'evodiff/rescaled_entropic/10', 'heun/karras/35/edm/guidance=1.5'), got {spec!r}")
+            spec = {"solver": parts[0], "schedule": parts[1], "nfe": parts[2], "protocol": rest[0] if rest else
+                    "default", **options}
+        try:
+            guidance = float(spec.get("guidance", 1.0))
+            label = None if spec.get("class") is None else int(spec["class"])
+        except ValueError:
+            raise ValueError(f"guidance must be a number and class an integer, got {spec.get('guidance')!r} and "
+                             f"{spec.get('class')!r}") from None
+        return cls(spec["solver"], spec["schedule"], int(spec["nfe"]), spec.get("protocol", "default"), guidance, label)
 
     @property
     def name(self) -> str:
-        """E.g. evodiff_rescaled_entropic_nfe10, heun_karras_nfe35_edm."""
+        """E.g. evodiff_rescaled_entropic_nfe10, heun_karras_nfe35_edm, heun_karras_nfe35_edm_guidance1.5_class3."""
         suffix = "" if self.protocol == "default" else f"_{self.protocol}"
+        suffix += "" if self.guidance == 1 else f"_guidance{self.guidance:g}"
+        suffix += "" if self.class_label is None else f"_class{self.class_label}"
         return f"{self.solver}_{self.schedule}_nfe{self.nfe}{suffix}"
 
     @property
@@ -209,10 +240,11 @@ class EvalSpec:
 
     @property
     def generate_options(self) -> dict[str, object]:
-        """Keyword arguments of `generate` for this spec's protocol (solver options included)."""
+        """Keyword arguments of `generate` for this spec's protocol and class (solver options included)."""
+        options: dict[str, object] = {} if self.class_label is None else {"class_label": self.class_label}
         if self.protocol == "edm":
-            return dict(dtype=torch.float64, net_dtype=torch.float32, noise_on_device=True, **self.solver_options)
-        return {}
+            options.update(dtype=torch.float64, net_dtype=torch.float32, noise_on_device=True)
+        return {**options, **self.solver_options}
 
     @property
     def n_steps(self) -> int:

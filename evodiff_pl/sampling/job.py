@@ -25,7 +25,10 @@ from evodiff_pl.data.stream import DiffusionDataModule
 from evodiff_pl.utils.dist import world
 from evodiff_pl.utils.fileio import atomic_write_text
 from evodiff_pl.sampling.generate import generate, rank_indices
+from evodiff_pl.sampling.guidance import guide_of, guided
 from evodiff_pl.utils.images import from_uint8, to_uint8, write_pngs
+from evodiff_pl.evaluation.dinov2 import DINOv2Features
+from evodiff_pl.evaluation.kid import KIDScore
 from evodiff_pl.evaluation.metrics import FrechetScore, InceptionFeatures
 from evodiff_pl.io.nvlabs import StabilityVAEDecoder, VAEError, read_mu_sigma_npz
 from evodiff_pl.sampling.options import (
@@ -60,22 +63,28 @@ def checkpoint_data(loaded: LoadedCheckpoint, data: dict[str, Any] | None = None
     return build_from_config(config["data"], config["run"]["seed"])
 
 
-def reference_stats(path: str, feature: str) -> dict[str, Any]:
-    """A statistics file of `FrechetScore.prepare_real`, checked to hold `feature` features; for fid_inception also
-    an .npz of (mu, sigma) as edm's fid.py and pytorch-fid write (`evodiff_pl.io.nvlabs.read_mu_sigma_npz`)."""
+NPZ_FEATURES = {"inception": InceptionFeatures.num_features, "dinov2": DINOv2Features.num_features}
+"""Features whose reference statistics may be an edm-style .npz (mu, sigma), and their width."""
+
+
+def reference_stats(path: str, feature: str, kid: bool = False) -> dict[str, Any]:
+    """A statistics file of `FrechetScore.prepare_real` (`KIDScore.prepare_real` if `kid`), checked to hold `feature`
+    features; for Inception and DINOv2 Fréchet distances also an .npz of (mu, sigma) as edm's fid.py, pytorch-fid
+    and `evodiff_pl.evaluation.fid` write (`evodiff_pl.io.nvlabs.read_mu_sigma_npz`)."""
     if not Path(path).is_file():
         raise SampleError(f"stats file {path} does not exist")
-    if path.endswith(".npz") and feature == "inception":
+    if path.endswith(".npz") and feature in NPZ_FEATURES and not kid:
         try:
-            return read_mu_sigma_npz(path, InceptionFeatures.num_features)
+            return read_mu_sigma_npz(path, NPZ_FEATURES[feature])
         except ValueError as err:
-            raise SampleError(f"score=fid_inception: {err} (InceptionV3 pool features)") from None
+            raise SampleError(f"score with {feature} features: {err}") from None
     try:
         stats = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise SampleError(f"stats file {path} is unreadable: {type(err).__name__}: {err}") from None
-    if not isinstance(stats, dict) or not {"sum", "outer_sum", "count"} <= set(stats):
-        raise SampleError(f"stats file {path} holds no reference statistics (sum, outer_sum, count)")
+    keys = {"features"} if kid else {"sum", "outer_sum", "count"}
+    if not isinstance(stats, dict) or not keys <= set(stats):
+        raise SampleError(f"stats file {path} holds no reference statistics ({', '.join(sorted(keys))})")
     if stats.get("feature") != feature:
         raise SampleError(f"stats file {path} holds {stats.get('feature')!r} features, not {feature!r}")
     return stats
@@ -103,20 +112,22 @@ def build_score(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.devic
     feature = SCORES[cfg.score]
     if feature is None:
         return None, parse_seeds("0-63" if cfg.seeds is None else cfg.seeds)
-    if feature == "inception" and len(shape) != 3:
-        raise SampleError(f"score=fid_inception needs images; checkpoint {loaded.path} makes vectors of shape "
+    if feature != "pixels" and len(shape) != 3:
+        raise SampleError(f"score={cfg.score} needs images; checkpoint {loaded.path} makes vectors of shape "
                           f"{shape} (use score=fd_pixels)")
-    stats = reference_stats(cfg.stats, feature) if cfg.stats is not None else None
+    kid = cfg.score.startswith("kid_")
+    stats = reference_stats(cfg.stats, feature, kid) if cfg.stats is not None else None
     data = None if stats is not None else checkpoint_data(loaded, cfg.data)
     if cfg.seeds is not None:
         seeds = parse_seeds(cfg.seeds)
     else:
-        available = int(stats["count"]) if stats is not None else len(data.data)
+        available = (len(stats["features"]) if kid else int(stats["count"])) if stats is not None else len(data.data)
         seeds = parse_seeds(f"0-{min(available, MAX_SCORED) - 1}")
     rank = world()[0]
     try:
-        score = FrechetScore(feature, num_samples=len(seeds), shape=shape, weights_path=cfg.inception_weights,
-                             stats_dir=cfg.stats_dir).to(device)
+        weights = cfg.dinov2_weights if feature == "dinov2" else cfg.inception_weights
+        score = (KIDScore if kid else FrechetScore)(feature, num_samples=len(seeds), shape=shape, weights_path=weights,
+                                                    stats_dir=cfg.stats_dir).to(device)
         if stats is not None:
             score.load_real(stats, rank=rank)
         else:
@@ -126,6 +137,25 @@ def build_score(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.devic
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         raise SampleError(f"score={cfg.score}: {err}") from None
     return score, seeds
+
+
+def build_gnet(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.device) -> LoadedCheckpoint | None:
+    """The guiding network of gnet= (EMA weights), checked against the network together with class= and guidance=."""
+    if cfg.gnet is not None and cfg.guidance == 1:
+        raise SampleError(f"gnet={cfg.gnet} is given but guidance=1 (no guidance): set guidance=W, e.g. guidance=1.5")
+    classes = loaded.meta["num_classes"]
+    if cfg.class_label is not None and not 0 <= cfg.class_label < classes:
+        raise SampleError(f"class={cfg.class_label}: {loaded.path} is unconditional" if not classes else
+                          f"class={cfg.class_label} is not a class of {loaded.path} (0-{classes - 1})")
+    gnet = load_denoiser(cfg.gnet, map_location=device) if cfg.gnet is not None else None
+    for key in ("sample_shape", "latent"):
+        if gnet is not None and gnet.meta.get(key) != loaded.meta.get(key):
+            raise SampleError(f"gnet={cfg.gnet} has {key} {gnet.meta.get(key)}, the network {loaded.meta.get(key)}")
+    try:
+        guided(loaded.denoiser, cfg.guidance, classes, *guide_of(gnet))
+    except ValueError as err:
+        raise SampleError(str(err)) from None
+    return gnet
 
 
 @dataclass
@@ -143,6 +173,8 @@ class SamplingJob:
     """The outputs to write: a subset of (png, npz)."""
     decoder: StabilityVAEDecoder | None = None
     """Latent models: turns the generated latents into uint8 images."""
+    gnet: LoadedCheckpoint | None = None
+    """The guiding network of gnet= (guidance != 1)."""
 
 
 def build(cfg: SampleConfig) -> SamplingJob:
@@ -162,6 +194,7 @@ def build(cfg: SampleConfig) -> SamplingJob:
                               "latents, which sample.py does not make")
         return SamplingJob(cfg, loaded, device)
     decoder = build_decoder(cfg, loaded, device)
+    gnet = build_gnet(cfg, loaded, device)
     rows = plans(cfg, loaded)
     shape = tuple(loaded.meta["sample_shape"])
     shape = decoder.image_shape(shape) if decoder is not None else shape
@@ -170,7 +203,7 @@ def build(cfg: SampleConfig) -> SamplingJob:
     outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path)
     if world()[0] == 0:
         check_writable(outdir)
-    return SamplingJob(cfg, loaded, device, rows, seeds, score, outdir, formats, decoder)
+    return SamplingJob(cfg, loaded, device, rows, seeds, score, outdir, formats, decoder, gnet)
 
 
 def run_plan(job: SamplingJob, p: Plan) -> Result:
@@ -180,13 +213,14 @@ def run_plan(job: SamplingJob, p: Plan) -> Result:
     share = job.seeds[rank_indices(len(job.seeds), rank, world_size)]
     shape = tuple(meta["sample_shape"])
     folder = job.outdir / p.spec.name
+    denoiser = guided(job.loaded.denoiser, p.spec.guidance, meta["num_classes"], *guide_of(job.gnet))
     start = time.perf_counter()
     kept = []
     if job.score is not None:
         job.score.reset()
     with tqdm(total=len(share), unit="img", desc=p.spec.name, disable=not cfg.progress or rank != 0) as bar:
         for chunk in share.split(cfg.batch):  # an empty share is one empty chunk: every rank updates the score
-            x = generate(job.loaded.denoiser, chunk, shape, solver=p.spec.solver, sigmas=p.sigmas, seed=0,
+            x = generate(denoiser, chunk, shape, solver=p.spec.solver, sigmas=p.sigmas, seed=0,
                          batch_size=cfg.batch, num_classes=meta["num_classes"], device=job.device,
                          **p.spec.generate_options)
             if job.decoder is not None:  # latents -> uint8 pixels, scored as [-1, 1] images

@@ -13,8 +13,9 @@ from torch import Tensor
 
 from evodiff_pl.config.keys import did_you_mean, field_docs, format_default, suggest
 
-SCORES = {"none": None, "fd_pixels": "pixels", "fid_inception": "inception"}
-"""score= values and their feature extractors."""
+SCORES = {"none": None, "fd_pixels": "pixels", "fid_inception": "inception", "fd_dinov2": "dinov2",
+          "kid_inception": "inception"}
+"""score= values and their feature extractors (kid_*: Kernel Inception Distance, the others Fréchet distances)."""
 FORMATS = ("auto", "png", "npz", "both", "none")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SCORED = 50_000
@@ -40,6 +41,16 @@ class SampleConfig:
     the schedule stored in the checkpoint, or schedule_file)."""
     nfe: str = "10"
     """Denoiser calls per sample, or a comma-separated list (heun makes 2 per step: even values only)."""
+    class_label: Optional[int] = None
+    """class=K: every sample of class K (conditional networks); default: each seed's own random class (drawn from
+    the seed, so image j depends only on seed j)."""
+    guidance: float = 1.0
+    """Guidance weight w (1: none), as NVlabs edm2's generate_images.py: D = gnet + w·(net − gnet). With gnet:
+    autoguidance (a conditional gnet with the same classes) or classifier-free guidance (an unconditional gnet);
+    without: classifier-free guidance with the null label (conditional networks trained with label dropout)."""
+    gnet: Optional[str] = None
+    """The guiding network for guidance != 1: a run directory, .ckpt or NVlabs pickle of the same sample shape
+    (its EMA weights)."""
     protocol: str = "default"
     """default, or edm: NVlabs edm's generate.py (final Euler step to sigma = 0 counted in nfe, float64 state
     around the float32 network, per-seed generators on the device): solver=heun schedule=karras nfe=35
@@ -58,7 +69,8 @@ class SampleConfig:
     device: str = "auto"
     """auto (cuda if available), cpu or cuda."""
     score: str = "none"
-    """none, fd_pixels (Fréchet distance on pixels or raw vectors) or fid_inception (FID)."""
+    """none, fd_pixels (Fréchet distance on pixels or raw vectors), fid_inception (FID), fd_dinov2 (FD-DINOv2, as
+    edm2) or kid_inception (KID: reference features from data=/the checkpoint's dataset or a KID stats file)."""
     stats: Optional[str] = None
     """Reference statistics file written by FrechetScore.prepare_real; default: the cached statistics of the
     checkpoint's dataset (computed and cached on first use)."""
@@ -71,7 +83,10 @@ class SampleConfig:
     """Latent EDM2 pickles (edm2-img512-*): local folder of the Stable Diffusion VAE that decodes the samples
     (a diffusers AutoencoderKL, e.g. a copy of stabilityai/sd-vae-ft-mse); needs the diffusers package."""
     inception_weights: Optional[str] = None
-    """Local InceptionV3 weights for fid_inception (needed offline); default: download once."""
+    """Local InceptionV3 weights for fid_inception and kid_inception (needed offline); default: download once."""
+    dinov2_weights: Optional[str] = None
+    """Local DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) for fd_dinov2 (needed offline; the model code
+    comes from torch.hub's cache); default: download once."""
     schedule_file: Optional[str] = None
     """Learned schedule JSON (schedule.json, or one written by estimate_schedule) instead of the stored one."""
     estimate_schedule: bool = False
@@ -85,12 +100,17 @@ class SampleConfig:
     """Show progress bars (images/s)."""
 
 
+ALIASES = {"class": "class_label"}
+"""Command-line names of the fields whose name is a Python keyword."""
+
+
 def usage() -> str:
     """The CLI reference: every key with its default and meaning."""
     docs = field_docs(SampleConfig)
+    cli_names = {v: k for k, v in ALIASES.items()}
     lines = ["usage: python sample.py ckpt=RUN_DIR_OR_FILE [key=value ...]", ""]
     for f in fields(SampleConfig):
-        lines.append(f"  {f.name}={format_default(f.default)}")
+        lines.append(f"  {cli_names.get(f.name, f.name)}={format_default(f.default)}")
         lines += [f"      {line}" for line in docs[f.name].splitlines()]
     return "\n".join(lines)
 
@@ -100,6 +120,7 @@ def parse_args(argv: Sequence[str]) -> SampleConfig:
     bad = [a for a in argv if "=" not in a]
     if bad:
         raise SampleError(f"arguments must look like key=value (e.g. nfe=10), got {bad[0]!r}")
+    argv = [ALIASES.get(key, key) + "=" + value for key, _, value in (a.partition("=") for a in argv)]
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(SampleConfig), OmegaConf.from_dotlist(list(argv)))
     except ConfigKeyError as err:

@@ -64,11 +64,12 @@ def head_schedule(loaded: LoadedCheckpoint) -> EntropicSchedule:
 
 
 def plan(solver: str, schedule: str, nfe: int, learned: EntropicSchedule | None, meta: dict[str, Any],
-         protocol: str = "default", head: EntropicSchedule | None = None) -> Plan:
+         protocol: str = "default", head: EntropicSchedule | None = None, guidance: float = 1.0,
+         class_label: int | None = None) -> Plan:
     """The spec and sigma grid of one setting, or a Plan with the reason it is invalid; `head` is the schedule of
     the network's log-variance head, used by the head_* schedules."""
     try:
-        spec = EvalSpec(solver, schedule, nfe, protocol)
+        spec = EvalSpec(solver, schedule, nfe, protocol, guidance, class_label)
         source = head if from_head(schedule) else learned
         sched = with_kind(source, learned_kind(schedule)) if spec.needs_schedule else None
         return Plan(solver, schedule, nfe, spec, spec.sigmas(meta["sigma_min"], meta["sigma_max"], sched))
@@ -89,7 +90,7 @@ def plans(cfg: SampleConfig, loaded: LoadedCheckpoint) -> list[Plan]:
         raise SampleError(f"schedule={wanted[0]} needs a learned schedule but checkpoint {loaded.path} stores none "
                           "(trained too briefly?): pass schedule_file=... or make one with estimate_schedule=true")
     check_choice("protocol", cfg.protocol, PROTOCOLS)
-    rows = [plan(*combo, learned, loaded.meta, cfg.protocol, head)
+    rows = [plan(*combo, learned, loaded.meta, cfg.protocol, head, cfg.guidance, cfg.class_label)
             for combo in itertools.product(solvers, schedules, counts)]
     valid = [p for p in rows if p.spec is not None]
     if len(rows) == 1 and not valid:
