@@ -38,6 +38,7 @@ from evodiff_pl.training.loggers import (PlainProgress, ScheduleArtifacts, StepP
                                 is_terminal, use_kimg_axis)
 from evodiff_pl.config.keys import signature_params
 from evodiff_pl.evaluation.metrics import InceptionWeightsError
+from evodiff_pl.training.accumulate import check_batch_gpu
 from evodiff_pl.training.module import EDMModule
 from evodiff_pl.training.nonfinite import NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
@@ -169,7 +170,7 @@ def build(cfg: DictConfig) -> TrainingRun:
         sigma_range=(cfg.model.sigma_min, cfg.model.sigma_max), optim=OmegaConf.to_object(cfg.optim),
         ema=OmegaConf.to_object(cfg.ema), entropic=OmegaConf.to_object(cfg.entropic),
         train=OmegaConf.to_object(cfg.train), perf=OmegaConf.to_object(cfg.perf), checkpoint_dir=ckpt_dir,
-        snapshot_dir=run_dir, meta=meta, augment=datamodule.augment,
+        snapshot_dir=run_dir, meta=meta, augment=datamodule.augment, batch_gpu=datamodule.batch_gpu,
     )
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # ranks from SLURM; pre-emption is `Preemption`'s, not Lightning's requeue
@@ -199,6 +200,7 @@ def build(cfg: DictConfig) -> TrainingRun:
     if cfg.data.batch_size % trainer.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the "
                           f"{trainer.world_size} processes (trainer.devices x trainer.num_nodes)")
+    check_batch_gpu(datamodule.batch_gpu, cfg.data.batch_size, trainer.world_size)
     datamodule.stream_from(int(resume.meta["images_seen"]) if resume is not None else 0)
     return TrainingRun(trainer, module, datamodule, resume, run_dir, config)
 
