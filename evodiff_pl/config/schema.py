@@ -63,6 +63,11 @@ class ModelConfig:
     """Lower end of the noise range (tracker bins, schedules, sampling)."""
     sigma_max: float = 80.0
     """Upper end of the noise range."""
+    init: Optional[str] = None
+    """Start from this network file's weights and EMA (a train.py checkpoint or run directory, an exported checkpoint,
+    an NVlabs edm/edm2 .pkl; `evodiff_pl.training.transfer`): fresh optimizer, tracker and image count, our
+    checkpoints' schedule as the starting one. The network settings must build the file's architecture. Read only
+    when the run starts; a resumed run continues from its own checkpoint."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ from evodiff_pl.config.keys import signature_params
 from evodiff_pl.evaluation.metrics import InceptionWeightsError
 from evodiff_pl.training.accumulate import check_batch_gpu
 from evodiff_pl.training.module import EDMModule
+from evodiff_pl.training.transfer import init_from
 from evodiff_pl.training.nonfinite import NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.networks.precond import has_logvar_head
@@ -172,6 +173,8 @@ def build(cfg: DictConfig) -> TrainingRun:
         train=OmegaConf.to_object(cfg.train), perf=OmegaConf.to_object(cfg.perf), checkpoint_dir=ckpt_dir,
         snapshot_dir=run_dir, meta=meta, augment=datamodule.augment, batch_gpu=datamodule.batch_gpu,
     )
+    if resume is None and cfg.model.init:
+        init_from(module, cfg.model.init)
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # ranks from SLURM; pre-emption is `Preemption`'s, not Lightning's requeue
         plugins.append(SLURMEnvironment(auto_requeue=False))
