@@ -152,6 +152,9 @@ class CheckpointConfig:
     """Write checkpoints/last.ckpt every this many optimizer steps (and always at the end)."""
     keep_every_steps: int = 0
     """Also keep checkpoints/step-N.ckpt every this many steps; 0 keeps none."""
+    best_spec: Optional[str] = None
+    """Keep checkpoints/best.ckpt (and best.json) at the lowest score of this evaluation spec, one of
+    evaluation.specs (e.g. evodiff_consistent/rescaled_entropic/10); kept across resumes. None: no best.ckpt."""
 
 
 @dataclass

@@ -39,6 +39,8 @@ from evodiff_pl.training.loggers import (PlainProgress, ScheduleArtifacts, StepP
 from evodiff_pl.config.keys import signature_params
 from evodiff_pl.evaluation.metrics import InceptionWeightsError
 from evodiff_pl.training.accumulate import check_batch_gpu
+from evodiff_pl.sampling.generate import EvalSpec
+from evodiff_pl.training.best import BestCheckpoint
 from evodiff_pl.training.module import EDMModule
 from evodiff_pl.training.transfer import init_from
 from evodiff_pl.training.nonfinite import NonFiniteTrainingError
@@ -122,9 +124,17 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         every = cfg.logger.log_every_steps
         callbacks.append(StepProgressBar(refresh_rate=max(1, min(every, 10))) if is_terminal() else PlainProgress(every))
     evaluation = OmegaConf.to_container(cfg.evaluation)
-    if evaluation.pop("enabled", True):
+    enabled = evaluation.pop("enabled", True)
+    if enabled:
         evaluation.setdefault("out_dir", str(run_dir))
         callbacks.append(construct("evaluation", SampleQualityCallback, **evaluation))
+    if cfg.checkpoint.best_spec is not None:
+        names = [spec.name for spec in callbacks[-1].specs] if enabled else []
+        best = construct("checkpoint.best_spec", EvalSpec.parse, cfg.checkpoint.best_spec).name
+        if best not in names:
+            raise ConfigError(f"checkpoint.best_spec={cfg.checkpoint.best_spec} is not tracked: add it to "
+                              f"evaluation.specs{'' if enabled else ' and set evaluation.enabled=true'}")
+        callbacks.append(BestCheckpoint(run_dir / "checkpoints", best))
     return callbacks
 
 
