@@ -160,7 +160,7 @@ class CheckpointConfig:
 @dataclass
 class LoggerConfig:
     kind: str = "wandb"
-    """wandb, csv or none."""
+    """wandb, csv, tensorboard (event files in <run.dir>/tensorboard; `pip install tensorboard`) or none."""
     mode: str = "auto"
     """W&B mode: auto (online if an API key is configured, else offline), online, offline, disabled."""
     project: str = "evodiff-pl"
@@ -241,7 +241,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.kind": ("edm", "edm2"),
     "optim.schedule": ("edm", "edm2"),
     "ema.kind": ("edm", "power"),
-    "logger.kind": ("wandb", "csv", "none"),
+    "logger.kind": ("wandb", "csv", "tensorboard", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "trainer.precision": ("32-true", "bf16-mixed", "16-mixed", "64-true"),
 }
