@@ -70,3 +70,8 @@ def test_batch_gpu_on_two_processes_computes_the_one_process_run_in_float64(tmp_
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(load(tmp_path / name / "checkpoints" / "last.ckpt"))
     _assert_same_run(*runs, tol=1e-9)
+
+
+def test_a_cap_above_the_per_process_batch_is_one_round(tmp_path):
+    run = build(load_config(GMM, tiny_gmm(tmp_path, *STEPS, "data.batch_gpu=16")))
+    assert run.module.batch_gpu == 16 and rounds(8, 16) == [slice(0, 16)]

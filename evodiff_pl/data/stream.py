@@ -107,7 +107,7 @@ class DiffusionDataModule(L.LightningDataModule):
                 0.12), applied by the training module on the device; 0 = off. Images only.
             batch_gpu: the most samples one process puts through the network at once (edm's --batch-gpu; None: its
                 whole share of the batch); the share is reached by gradient accumulation, with the same result up
-                to rounding (`evodiff_pl.training.accumulate`). Must divide batch_size / processes.
+                to rounding (`evodiff_pl.training.accumulate`). Must divide batch_size / processes (or exceed it: one round).
         """
         super().__init__()
         if batch_size < 1:

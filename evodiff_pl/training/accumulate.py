@@ -22,11 +22,12 @@ from evodiff_pl.training.losses import LossOutput
 
 
 def check_batch_gpu(batch_gpu: int | None, global_batch: int, world_size: int) -> None:
-    """ConfigError unless `batch_gpu` (None: no cap) divides the per-process batch global_batch / world_size."""
+    """ConfigError unless `batch_gpu` (None: no cap) divides the per-process batch global_batch / world_size or is at
+    least that batch (one round, as edm's training loop)."""
     if batch_gpu is None:
         return
     local = global_batch // world_size
-    if batch_gpu < 1 or local % batch_gpu:
+    if batch_gpu < 1 or (batch_gpu < local and local % batch_gpu):
         raise ConfigError(f"data.batch_gpu={batch_gpu} must divide the per-process batch {local} (data.batch_size="
                          f"{global_batch} over {world_size} processes); e.g. data.batch_gpu="
                          f"{max(d for d in range(1, min(batch_gpu, local) + 1) if local % d == 0)}")
