@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import GMM, load, tiny_gmm, train_in_process
+from train_utils import DIGITS, GMM, load, tiny_gmm, train_in_process
 
 from evodiff_pl.config.schema import load_config
 from evodiff_pl.io.checkpointing import CheckpointError, export_weights
@@ -74,4 +74,12 @@ def test_an_exported_checkpoint_gives_its_one_set_to_both(tmp_path, source_run):
     exported = export_weights(source_run, tmp_path / "ema.ckpt")
     run = build(load_config(GMM, tiny_gmm(tmp_path / "dst", f"model.init={exported}")))
     ema = load_denoiser(exported).denoiser.state_dict()
+    assert _equal(run.module.net, ema) and _equal(run.module.ema, ema)
+
+
+def test_a_checkpoint_of_the_older_unet_layout_is_mapped(tmp_path):
+    """benchmarks/results/digits_640k_ema.ckpt (format version 1): the fine-tuning example of the README."""
+    ckpt = Path(__file__).parent.parent / "benchmarks" / "results" / "digits_640k_ema.ckpt"
+    run = build(load_config(DIGITS, [f"run.dir={tmp_path}", f"model.init={ckpt}", "logger.kind=none"]))
+    ema = load_denoiser(ckpt).denoiser.state_dict()
     assert _equal(run.module.net, ema) and _equal(run.module.ema, ema)

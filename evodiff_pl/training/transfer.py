@@ -17,6 +17,7 @@ import torch
 
 from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, CheckpointError, locate_checkpoint, read_checkpoint
 from evodiff_pl.io.nvlabs import load_nvlabs_pickle
+from evodiff_pl.networks.songunet import upgrade_v1_songunet
 from evodiff_pl.schedules.entropic import EntropicSchedule
 
 SHOWN = 3
@@ -59,6 +60,8 @@ def check_fits(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor],
 def init_from(module: Any, path: str | Path) -> None:
     """Load `path`'s weights into `module.net` and its EMA (every power-EMA profile) and its schedule, if any."""
     net, ema, meta = read_init(path)
+    if meta.get("version") == 1 and (meta.get("network") or {}).get("name") == "songunet":  # the older U-Net layout
+        net, ema = (upgrade_v1_songunet(state, module.net.backbone, prefix="backbone.") for state in (net, ema))
     check_fits(module.net.state_dict(), net, path, meta)
     module.net.load_state_dict(net)
     for profile in module.power_ema.profiles if module.power_ema is not None else [module.ema]:
