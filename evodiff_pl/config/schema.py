@@ -63,6 +63,11 @@ class ModelConfig:
     """Lower end of the noise range (tracker bins, schedules, sampling)."""
     sigma_max: float = 80.0
     """Upper end of the noise range."""
+    init: Optional[str] = None
+    """Start from this network file's weights and EMA (a train.py checkpoint or run directory, an exported checkpoint,
+    an NVlabs edm/edm2 .pkl; `evodiff_pl.training.transfer`): fresh optimizer, tracker and image count, our
+    checkpoints' schedule as the starting one. The network settings must build the file's architecture. Read only
+    when the run starts; a resumed run continues from its own checkpoint."""
 
 
 @dataclass
@@ -147,12 +152,15 @@ class CheckpointConfig:
     """Write checkpoints/last.ckpt every this many optimizer steps (and always at the end)."""
     keep_every_steps: int = 0
     """Also keep checkpoints/step-N.ckpt every this many steps; 0 keeps none."""
+    best_spec: Optional[str] = None
+    """Keep checkpoints/best.ckpt (and best.json) at the lowest score of this evaluation spec, one of
+    evaluation.specs (e.g. evodiff_consistent/rescaled_entropic/10); kept across resumes. None: no best.ckpt."""
 
 
 @dataclass
 class LoggerConfig:
     kind: str = "wandb"
-    """wandb, csv or none."""
+    """wandb, csv, tensorboard (event files in <run.dir>/tensorboard; `pip install tensorboard`) or none."""
     mode: str = "auto"
     """W&B mode: auto (online if an API key is configured, else offline), online, offline, disabled."""
     project: str = "evodiff-pl"
@@ -233,7 +241,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.kind": ("edm", "edm2"),
     "optim.schedule": ("edm", "edm2"),
     "ema.kind": ("edm", "power"),
-    "logger.kind": ("wandb", "csv", "none"),
+    "logger.kind": ("wandb", "csv", "tensorboard", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
     "trainer.precision": ("32-true", "bf16-mixed", "16-mixed", "64-true"),
 }

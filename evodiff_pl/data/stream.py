@@ -91,7 +91,8 @@ class DiffusionDataModule(L.LightningDataModule):
     is_image: ClassVar[bool]
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, holdout: int = 0,
-                 pin_memory: bool = False, prepare_per_node: bool = True, augment: float = 0.0) -> None:
+                 pin_memory: bool = False, prepare_per_node: bool = True, augment: float = 0.0,
+                 batch_gpu: int | None = None) -> None:
         """
         Args:
             batch_size: the global batch, split evenly over the processes.
@@ -104,10 +105,15 @@ class DiffusionDataModule(L.LightningDataModule):
                 data root is on a filesystem shared by the nodes, so they do not download into it at once).
             augment: probability of EDM's non-leaky geometric augmentation (`evodiff_pl.data.augment`; EDM's CIFAR-10:
                 0.12), applied by the training module on the device; 0 = off. Images only.
+            batch_gpu: the most samples one process puts through the network at once (edm's --batch-gpu; None: its
+                whole share of the batch); the share is reached by gradient accumulation, with the same result up
+                to rounding (`evodiff_pl.training.accumulate`). Must divide batch_size / processes (or exceed it: one round).
         """
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_gpu is not None and batch_gpu < 1:
+            raise ValueError(f"batch_gpu must be >= 1 (or null: no cap), got {batch_gpu}")
         if holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {holdout}")
         if num_workers < 0:
@@ -123,6 +129,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.prepare_data_per_node = prepare_per_node
         self.augment = float(augment)
+        self.batch_gpu = batch_gpu
         self.shape: tuple[int, ...] = ()
         self.num_classes = 0
         self._data: Dataset | None = None

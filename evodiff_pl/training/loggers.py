@@ -13,6 +13,7 @@ Progress: a TQDM bar on a terminal (`StepProgressBar`), else a plain line every 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import netrc
 import os
 import secrets
@@ -28,13 +29,11 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
-from evodiff_pl.schedules.entropic import EntropicSchedule, edm_loss_weight
-from evodiff_pl.schedules.tracker import SigmaBinnedLoss
+from evodiff_pl.config.keys import ConfigError
+from evodiff_pl.training.charts import curve_tables, grid_scalars, plot_loss_curve, plot_losses, plot_schedule
 from evodiff_pl.utils.fileio import atomic_write_text
-from evodiff_pl.schedules.grids import karras
 
 RUN_ID_FILE = "wandb_run_id"
 STEP_METRIC = "train/kimg"
@@ -171,9 +170,20 @@ def _csv(cfg: Any, run_dir: Path, name: str, is_rank_zero: bool) -> Logger:
     return RunCSVLogger(run_dir)
 
 
+def _tensorboard(cfg: Any, run_dir: Path, name: str, is_rank_zero: bool) -> Logger:
+    """Lightning's TensorBoardLogger in <run.dir>/tensorboard (one folder for the whole run, resumed runs append)."""
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError("logger.kind=tensorboard needs the tensorboard package: pip install tensorboard (or "
+                          "pip install 'evodiff-pl[tensorboard]'), or use logger.kind=wandb or csv")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
+
+
 LOGGERS: dict[str, Callable[[Any, Path, str, bool], Logger | None]] = {
     "wandb": _wandb,
     "csv": _csv,
+    "tensorboard": _tensorboard,
     "none": lambda cfg, run_dir, name, is_rank_zero: None,
 }
 
@@ -200,84 +210,52 @@ def finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
-def plot_loss_curve(tracker: SigmaBinnedLoss) -> Figure:
-    """Binned training loss q = λ(σ)·MSE and the x0-space MSE m = q/λ against σ (log-log)."""
-    sigma = tracker.bin_centers()
-    q = tracker.mean_q()
-    counts = tracker.counts()
-    fig = Figure(figsize=(6, 5.5))
-    ax_q, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    ax_q.loglog(sigma, q, "o-", ms=3, label="q = λ(σ)·MSE (loss)")
-    # m = q / λ(σ)  (docs/method.md §3)
-    ax_q.loglog(sigma, q / edm_loss_weight(sigma, tracker.sigma_data), "s-", ms=3, label="MSE in x0 space")
-    ax_q.set_ylabel("per-dimension error")
-    ax_q.legend()
-    ax_q.grid(True, which="both", alpha=0.3)
-    ax_n.semilogx(sigma, counts, ".-")
-    ax_n.set_xlabel("σ")
-    ax_n.set_ylabel("samples / bin")
-    ax_n.grid(True, alpha=0.3)
-    ax_q.set_title(f"training loss per noise level ({tracker.steps} steps)")
-    fig.tight_layout()
-    return fig
-
-
-def plot_schedule(schedule: EntropicSchedule, sigma_min: float, sigma_max: float, nfe: int) -> Figure:
-    """σ against the learned (rescaled) entropic time τ, with the `nfe`-step grid marked; Karras ρ=7 for reference."""
-    tau = [1 - j / 256 for j in range(257)]
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.subplots()
-    ax.semilogy(tau, schedule.sigmas(256, sigma_min, sigma_max), "-", label=schedule.kind)
-    steps = schedule.sigmas(nfe, sigma_min, sigma_max)
-    ax.semilogy([1 - j / nfe for j in range(nfe + 1)], steps, "o", label=f"{nfe} steps")
-    ax.semilogy(tau, karras(256, sigma_min, sigma_max), "--", alpha=0.6, label="karras ρ=7 (same step index)")
-    ax.set_xlabel(f"{schedule.kind.replace('_', ' ')} time τ")
-    ax.set_ylabel("σ")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    shown = ", ".join(f"{s:.3g}" for s in steps.tolist())
-    ax.set_title(f"learned schedule, {nfe} steps:\n{shown}", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def curve_tables(tracker: SigmaBinnedLoss, schedule: EntropicSchedule, sigma_min: float, sigma_max: float
-                 ) -> dict[str, tuple[list[str], list[list[float]]]]:
-    """The loss per σ and the learned schedule as (columns, rows), x first: tables that overlay across runs."""
-    sigma, q, counts = tracker.bin_centers(), tracker.mean_q(), tracker.counts()
-    # m = q / λ(σ)  (docs/method.md §3)
-    mse = q / edm_loss_weight(sigma, tracker.sigma_data)
-    loss_rows = [[float(s), float(a), float(b), float(n)] for s, a, b, n in zip(sigma, q, mse, counts)]
-    tau = [1 - j / 256 for j in range(257)]
-    grid = schedule.sigmas(256, sigma_min, sigma_max).tolist()
-    return {
-        "entropic/loss_per_sigma": (["sigma", "loss", "mse_x0", "samples"], loss_rows),
-        "entropic/schedule": (["tau", "sigma"], [[t, float(s)] for t, s in zip(tau, grid)]),
-    }
-
-
 class ScheduleArtifacts(L.Callback):
-    """Rank 0 writes `schedule.json` atomically after each schedule rebuild; the loss-per-σ and schedule plots
-    (PNG in `<run_dir>/plots/`, and to W&B) are redrawn after each validation and at the end of training, since
-    drawing them costs about a second (5-10 % of a default run if done at every rebuild)."""
+    """Rank 0 writes `schedule.json` atomically after each schedule rebuild and logs its `plot_nfe`-step grid as
+    scalars (`schedule/nfe10/sigma_1..9`, `schedule_head/...` for an EDM2 head; `evodiff_pl.training.charts`); the
+    loss-per-σ, schedule and loss plots (PNG in `<run_dir>/plots/`, and to W&B) are redrawn after each validation and
+    at the end of training, since drawing them costs about a second."""
 
     def __init__(self, run_dir: str | Path, plot_nfe: int = 10) -> None:
         self.run_dir = Path(run_dir)
         self.plot_nfe = plot_nfe
         self._written = self._plotted = -1
+        self.losses: list[tuple[float, str, float]] = []
+        """(kimg, metric, value) of the training loss at logging steps and of the EMA validation loss."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.losses = [tuple(row) for row in state_dict.get("losses", [])]
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, metric: str) -> None:
+        value = trainer.callback_metrics.get(metric)
+        if value is not None:
+            self.losses.append((pl_module.images_seen / 1000, metric, float(value)))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._record(trainer, pl_module, "train/loss_per_elem")
         version = pl_module.schedule_version
         if version == self._written or pl_module.entropic_schedule is None:
             return
         self._written = version
-        if trainer.is_global_zero:
-            pl_module.entropic_schedule.save(self.run_dir / "schedule.json")
-            if getattr(pl_module, "head_schedule", None) is not None:
-                pl_module.head_schedule.save(self.run_dir / "schedule_head.json")
+        if not trainer.is_global_zero:
+            return
+        pl_module.entropic_schedule.save(self.run_dir / "schedule.json")
+        scalars = grid_scalars("schedule", pl_module.entropic_schedule, self.plot_nfe, pl_module.sigma_min,
+                               pl_module.sigma_max)
+        if getattr(pl_module, "head_schedule", None) is not None:
+            pl_module.head_schedule.save(self.run_dir / "schedule_head.json")
+            scalars.update(grid_scalars("schedule_head", pl_module.head_schedule, self.plot_nfe, pl_module.sigma_min,
+                                        pl_module.sigma_max))
+        for logger in trainer.loggers:
+            logger.log_metrics({**scalars, STEP_METRIC: pl_module.images_seen / 1000}, step=trainer.global_step)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
+            self._record(trainer, pl_module, "val/loss_ema_per_elem")
             self.plot(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -292,13 +270,14 @@ class ScheduleArtifacts(L.Callback):
             return
         plots = self.run_dir / "plots"
         plots.mkdir(parents=True, exist_ok=True)
+        lo, hi, density = pl_module.sigma_min, pl_module.sigma_max, (pl_module.loss_fn.P_mean, pl_module.loss_fn.P_std)
         figures = {
-            "entropic/loss_per_sigma": plot_loss_curve(pl_module.tracker),
-            "entropic/schedule": plot_schedule(schedule, pl_module.sigma_min, pl_module.sigma_max, self.plot_nfe),
+            "entropic/loss_per_sigma": plot_loss_curve(pl_module.tracker, pl_module.tracker_source, *density),
+            "entropic/schedule": plot_schedule(schedule, lo, hi, self.plot_nfe, *density),
+            "train/losses": plot_losses(self.losses),
         }
         if getattr(pl_module, "head_schedule", None) is not None:
-            figures["entropic/schedule_head"] = plot_schedule(pl_module.head_schedule, pl_module.sigma_min,
-                                                              pl_module.sigma_max, self.plot_nfe)
+            figures["entropic/schedule_head"] = plot_schedule(pl_module.head_schedule, lo, hi, self.plot_nfe, *density)
         for key, fig in figures.items():
             fig.savefig(plots / f"{key.split('/')[-1]}.png", dpi=100)
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -307,8 +286,7 @@ class ScheduleArtifacts(L.Callback):
 
             kimg = pl_module.images_seen / 1000
             entries: dict[str, Any] = {key: wandb.Image(fig) for key, fig in figures.items()}
-            for key, (columns, rows) in curve_tables(pl_module.tracker, schedule, pl_module.sigma_min,
-                                                     pl_module.sigma_max).items():
+            for key, (columns, rows) in curve_tables(pl_module.tracker, schedule, lo, hi).items():
                 table = wandb.Table(columns=[*columns, "kimg"], data=[[*row, kimg] for row in rows])
                 entries[f"{key}_table"] = table
                 entries[f"{key}_line"] = wandb.plot.line(table, columns[0], columns[1], title=f"{key} at {kimg:g} kimg")

@@ -4,8 +4,9 @@ Same answer on 1 or N processes: every rank draws the sigmas and noise (and, wit
 parameters) of the whole global batch from generators seeded by (run seed, batch index) and keeps the slice
 `[rank::world_size]`, which matches the samples the rank holds (`evodiff_pl.data.stream.InfiniteSampler` deals global
 position k*W + r of a batch to rank r). As in EDM, the gradient is that of the per-sample loss summed over the
-sample's elements, averaged over the global batch (each rank's mean, averaged by DDP); the logged losses
-(`train/loss_per_elem`, `val/loss_ema_per_elem`) are the per-element means, as EDM's logged `Loss/loss`.
+sample's elements, averaged over the global batch (each rank's mean, averaged by DDP; `data.batch_gpu` splits a
+rank's share into rounds, `evodiff_pl.training.accumulate`); the logged losses (`train/loss_per_elem`,
+`val/loss_ema_per_elem`) are the per-element means, as EDM's logged `Loss/loss`.
 Learning rate, EMA and tracker run on images seen (`evodiff_pl.training.clock`, every consumed batch counted).
 
 The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of
@@ -43,6 +44,7 @@ from torch import Tensor
 
 from evodiff_pl.config.schema import EMAConfig, EntropicConfig, OptimConfig, PerfConfig, TrainConfig
 from evodiff_pl.data.augment import augment, draw_params
+from evodiff_pl.training.accumulate import backward_in_rounds, map_rounds
 from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, FORMAT, VERSION
 from evodiff_pl.networks.precond import EDMPrecond, has_logvar_head
 from evodiff_pl.schedules.entropic import EntropicSchedule
@@ -88,6 +90,7 @@ class EDMModule(L.LightningModule):
         snapshot_dir: str | Path | None = None,
         meta: dict[str, Any] | None = None,
         augment: float = 0.0,
+        batch_gpu: int | None = None,
     ) -> None:
         """
         Args:
@@ -106,10 +109,11 @@ class EDMModule(L.LightningModule):
             meta: stored verbatim in every checkpoint (resolved config, network and data description).
             augment: probability of EDM's geometric augmentation (`data.augment`, `evodiff_pl.data.augment`); 0 = off.
                 Its 9-d parameters go to `net` as `augment_labels`.
+            batch_gpu: the most samples per network call (`data.batch_gpu`, `evodiff_pl.training.accumulate`).
         """
         super().__init__()
-        optim, ema, entropic, train = optim or OptimConfig(), ema or EMAConfig(), entropic or EntropicConfig(), train or TrainConfig()
-        perf = perf or PerfConfig()
+        optim, ema, entropic = optim or OptimConfig(), ema or EMAConfig(), entropic or EntropicConfig()
+        train, perf = train or TrainConfig(), perf or PerfConfig()
         self.automatic_optimization = False
         self.channels_last = perf.channels_last and len(sample_shape) == 3
         self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
@@ -124,7 +128,7 @@ class EDMModule(L.LightningModule):
         self.elements_per_sample = math.prod(self.sample_shape)
         self.augment = float(augment)
         self.num_classes = int(num_classes)
-        self.global_batch = int(global_batch)
+        self.global_batch, self.batch_gpu = int(global_batch), batch_gpu
         self.seed = int(seed)
         self.sigma_min, self.sigma_max = float(sigma_range[0]), float(sigma_range[1])
         self.adam = {"lr": float(optim.lr), "betas": tuple(float(b) for b in optim.betas), "eps": float(optim.eps)}
@@ -214,13 +218,9 @@ class EDMModule(L.LightningModule):
         batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
         sigma, noise = batch_sigmas[rank::world_size], batch_noise[rank::world_size]
         tracked = self._ema_eval_loss(clean, labels, noise) if self.tracker_source == "ema_eval" else None
-        out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise,
-                           augment_labels=augment_labels)
-        per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
-        # EDM's loss scale (training_loop.py: loss.sum() / batch): the gradient is that of the sum over a sample's
-        # elements, averaged over the global batch (DDP averages the per-rank means of equal batches).
-        self.manual_backward(per_sample.mean() * self.elements_per_sample)
-        stats = self._reduce_step(per_sample)
+        out = backward_in_rounds(self, x0, labels if self.num_classes else None, sigma, noise, augment_labels,
+                                 poison=self.batches_seen in self.nan_loss_steps)
+        stats = self._reduce_step(out.loss)
         lr = self.learning_rate()
         if self.sync_free:
             self._device_step(stats, lr, out if tracked is None else tracked)
@@ -243,7 +243,8 @@ class EDMModule(L.LightningModule):
         n = sigma.shape[0]
         if n == 0:
             return LossOutput(sigma, sigma, sigma, sigma)
-        return self.loss_fn(self.ema, x0[:n], labels[:n] if self.num_classes else None, sigma=sigma, noise=noise[:n])
+        return map_rounds(lambda part: self.loss_fn(self.ema, x0[:n][part], labels[:n][part] if self.num_classes else None,
+                                                    sigma=sigma[part], noise=noise[:n][part]), n, self.batch_gpu)
 
     def _logging_step(self) -> bool:
         """Whether Lightning sends this batch's metrics to the logger (its log_every_n_steps rule over all batches)."""

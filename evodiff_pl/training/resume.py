@@ -40,9 +40,9 @@ from evodiff_pl.utils.fileio import atomic_copy
 
 IGNORED = ("run.dir", "run.resume", "run.name", "checkpoint", "logger", "evaluation", "entropic.plot_nfe",
            "trainer.progress_bar", "trainer.val_every_steps", "data.root", "data.download", "data.pin_memory",
-           "data.prepare_per_node")
+           "data.prepare_per_node", "model.init")
 """Config entries that do not change what a run computes: free to change on resume, not recorded."""
-RECORDED = ("data.batch_size", "data.num_workers", "optim.lr", "optim.lr_rampup_images", "optim.ref_images",
+RECORDED = ("data.batch_size", "data.batch_gpu", "data.num_workers", "optim.lr", "optim.lr_rampup_images", "optim.ref_images",
             "ema.halflife_images", "ema.rampup_ratio", "ema.snapshot_every_images", "train",
             "entropic.update_every_steps", "trainer", "perf")
 """Entries that may change on resume; each change is recorded in the checkpoints (`config_history`) with the step

@@ -38,7 +38,11 @@ from evodiff_pl.training.loggers import (PlainProgress, ScheduleArtifacts, StepP
                                 is_terminal, use_kimg_axis)
 from evodiff_pl.config.keys import signature_params
 from evodiff_pl.evaluation.metrics import InceptionWeightsError
+from evodiff_pl.training.accumulate import check_batch_gpu
+from evodiff_pl.sampling.generate import EvalSpec
+from evodiff_pl.training.best import BestCheckpoint
 from evodiff_pl.training.module import EDMModule
+from evodiff_pl.training.transfer import init_from
 from evodiff_pl.training.nonfinite import NonFiniteTrainingError
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.networks.precond import has_logvar_head
@@ -120,9 +124,17 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         every = cfg.logger.log_every_steps
         callbacks.append(StepProgressBar(refresh_rate=max(1, min(every, 10))) if is_terminal() else PlainProgress(every))
     evaluation = OmegaConf.to_container(cfg.evaluation)
-    if evaluation.pop("enabled", True):
+    enabled = evaluation.pop("enabled", True)
+    if enabled:
         evaluation.setdefault("out_dir", str(run_dir))
         callbacks.append(construct("evaluation", SampleQualityCallback, **evaluation))
+    if cfg.checkpoint.best_spec is not None:
+        names = [spec.name for spec in callbacks[-1].specs] if enabled else []
+        best = construct("checkpoint.best_spec", EvalSpec.parse, cfg.checkpoint.best_spec).name
+        if best not in names:
+            raise ConfigError(f"checkpoint.best_spec={cfg.checkpoint.best_spec} is not tracked: add it to "
+                              f"evaluation.specs{'' if enabled else ' and set evaluation.enabled=true'}")
+        callbacks.append(BestCheckpoint(run_dir / "checkpoints", best))
     return callbacks
 
 
@@ -169,8 +181,10 @@ def build(cfg: DictConfig) -> TrainingRun:
         sigma_range=(cfg.model.sigma_min, cfg.model.sigma_max), optim=OmegaConf.to_object(cfg.optim),
         ema=OmegaConf.to_object(cfg.ema), entropic=OmegaConf.to_object(cfg.entropic),
         train=OmegaConf.to_object(cfg.train), perf=OmegaConf.to_object(cfg.perf), checkpoint_dir=ckpt_dir,
-        snapshot_dir=run_dir, meta=meta, augment=datamodule.augment,
+        snapshot_dir=run_dir, meta=meta, augment=datamodule.augment, batch_gpu=datamodule.batch_gpu,
     )
+    if resume is None and cfg.model.init:
+        init_from(module, cfg.model.init)
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # ranks from SLURM; pre-emption is `Preemption`'s, not Lightning's requeue
         plugins.append(SLURMEnvironment(auto_requeue=False))
@@ -199,6 +213,7 @@ def build(cfg: DictConfig) -> TrainingRun:
     if cfg.data.batch_size % trainer.world_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the "
                           f"{trainer.world_size} processes (trainer.devices x trainer.num_nodes)")
+    check_batch_gpu(datamodule.batch_gpu, cfg.data.batch_size, trainer.world_size)
     datamodule.stream_from(int(resume.meta["images_seen"]) if resume is not None else 0)
     return TrainingRun(trainer, module, datamodule, resume, run_dir, config)
 
