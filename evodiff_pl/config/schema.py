@@ -26,8 +26,8 @@ from evodiff_pl.config.keys import (ConfigError, check_kwargs, constructor_keys,
 
 def config_dir() -> Path:
     """The shipped YAML configs: `evodiff_pl/configs` of an installed package, else the checkout's `configs/`."""
-    here = Path(__file__).resolve().parent
-    return here / "configs" if (here / "configs").is_dir() else here.parent / "configs"
+    package = Path(__file__).resolve().parents[1]
+    return package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
 
 
 DEFAULT_CONFIG = config_dir() / "digits.yaml"
