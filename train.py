@@ -6,7 +6,11 @@
 Rerunning the same command resumes from the newest checkpoint in run.dir.
 """
 
-from evodiff_pl.training.run import main
+from evodiff_pl.utils.stop import STOP
+
+STOP.install()  # before the heavy imports: SIGUSR1 / SIGTERM from process start to exit stop cleanly (exit 128 + signal)
+
+from evodiff_pl.training.run import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())
