@@ -6,11 +6,7 @@
 Rerunning the same command resumes from the newest checkpoint in run.dir.
 """
 
-from evodiff_pl.utils.stop import STOP
-
-STOP.install()  # before the heavy imports: SIGUSR1 / SIGTERM from process start to exit stop cleanly (exit 128 + signal)
-
-from evodiff_pl.training.run import main  # noqa: E402
+from evodiff_pl.utils.stop import launch  # takes SIGUSR1 / SIGTERM before the heavy imports (exit 128 + signal)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(launch("evodiff_pl.training.run"))

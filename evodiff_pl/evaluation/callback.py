@@ -154,15 +154,16 @@ class SampleQualityCallback(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self._due(pl_module):
-            self._evaluate_specs(trainer, pl_module, on_step=False)
+            self._evaluate_specs(trainer, pl_module, redo=False)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         """A resumed run redoes the evaluation that a stop signal abandoned, before its first training step."""
         if self.pending:
-            self._evaluate_specs(trainer, pl_module, on_step=True)
+            self._evaluate_specs(trainer, pl_module, redo=True)
 
-    def _evaluate_specs(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
-        """Score and log every spec (and save its grid); `pending` until the last one is done."""
+    def _evaluate_specs(self, trainer: L.Trainer, pl_module: L.LightningModule, redo: bool) -> None:
+        """Score and log every spec (and save its grid); `pending` until the last one is done. A `redo` outside
+        validation goes to the loggers directly, at the step Lightning logs the evaluation after that step under."""
         self.pending = True
         for spec in self.specs:
             start = time.perf_counter()
@@ -170,8 +171,12 @@ class SampleQualityCallback(L.Callback):
             value = None if sigmas is None else self.evaluate(trainer, pl_module, spec, sigmas)
             if value is None:
                 continue
-            pl_module.log(f"val/{self.score.name}/{spec.name}", value, on_step=on_step, on_epoch=not on_step,
-                          sync_dist=False, rank_zero_only=False)
+            name = f"val/{self.score.name}/{spec.name}"
+            if not redo:
+                pl_module.log(name, value, sync_dist=False, rank_zero_only=False)
+            elif trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics({name: value}, step=max(trainer.global_step - 1, 0))
             rank_zero_info(f"val/{self.score.name}/{spec.name} = {value:.6g} ({time.perf_counter() - start:.1f} s)")
             if trainer.is_global_zero and self.grid_size and len(pl_module.sample_shape) == 3:
                 self._save_grid(trainer, pl_module, spec, sigmas)

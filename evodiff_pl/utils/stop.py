@@ -1,7 +1,8 @@
 """Stop signals: SIGUSR1 (SLURM's warning before pre-emption or the time limit) and SIGTERM (scancel, the limit).
 
-`STOP.install()` runs first thing in `train.py` and `sample.py` (this module imports nothing heavy), so a signal is
-kept from process start to exit; the handler only records it (no I/O, no collective inside a signal handler).
+`launch` takes the signals first thing in `train.py` and `sample.py` (this module imports nothing heavy), so a signal
+is kept from process start to exit: during the imports it ends the process at once; later the handler only records
+it (no I/O, no collective inside a signal handler).
 The ranks act on it together at safe points (every training step, every generated batch): `raise_if_stopped`
 all-reduces "any rank signalled" (one CPU integer over a gloo group, no device synchronisation) and raises
 `Stopped` on every rank alike. Before the process group exists a process acts alone only if no other rank can
@@ -11,6 +12,7 @@ collective safe point, so a signal to one rank never leaves the others waiting.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -30,10 +32,15 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received = 0
+        self.immediate = False
+        """While the entry script imports: a signal raises `Stopped` at once if no other rank can be waiting."""
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = self.received or signum
+        if self.immediate and not _peers_may_run():
+            self.immediate = False
+            raise Stopped(signum, "start-up")
 
     def install(self) -> None:
         """Take SIGUSR1 and SIGTERM (from the main thread), remembering the handlers they replace the first time."""
@@ -156,6 +163,20 @@ def requeue() -> bool:
         print(f"warning: requeueing SLURM job {job} failed ({done.returncode}): {done.stderr.strip()}",
               file=sys.stderr, flush=True)
     return done.returncode == 0
+
+
+def launch(module: str) -> int:
+    """The entry scripts' body: take the stop signals, import `module` (the slow part: torch, Lightning) and return
+    its `main()`; a stop signal during the imports ends the process at once (no run started: nothing to save)."""
+    STOP.immediate = True
+    STOP.install()
+    try:
+        main = importlib.import_module(module).main
+    except Stopped as stop:
+        return finish(stop, 0)
+    finally:
+        STOP.immediate = False
+    return main()
 
 
 def finish(stop: Stopped, rank: int) -> int:
