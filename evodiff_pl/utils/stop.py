@@ -167,7 +167,9 @@ def requeue() -> bool:
 
 def launch(module: str) -> int:
     """The entry scripts' body: take the stop signals, import `module` (the slow part: torch, Lightning) and return
-    its `main()`; a stop signal during the imports ends the process at once (no run started: nothing to save)."""
+    its `main()`; a stop signal during the imports ends the process at once (no run started: nothing to save). A
+    stopped run leaves without the interpreter's clean-up (its files are written and closed; under DDP the exit
+    otherwise waits ~10 s in the process group's native teardown)."""
     STOP.immediate = True
     STOP.install()
     try:
@@ -176,7 +178,12 @@ def launch(module: str) -> int:
         return finish(stop, 0)
     finally:
         STOP.immediate = False
-    return main()
+    code = main()
+    if code in [128 + sig for sig in StopSignals.SIGNALS]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def finish(stop: Stopped, rank: int) -> int:
