@@ -72,7 +72,7 @@ def test_sigterm_saves_a_whole_step_and_exits_nonzero(tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
     err = _interrupt(proc, run_dir, signal.SIGTERM, delay=0.2)
-    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM after step" in err, err[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM during training; checkpoint" in err, err[-3000:]
     _assert_whole_step(load(run_dir / "checkpoints" / "last.ckpt"))
     assert not (run_dir / "train.lock").exists()
 
@@ -82,7 +82,7 @@ def test_sigterm_at_a_random_moment_then_resume_is_exact(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
     err = _interrupt(proc, run_dir, signal.SIGTERM, delay=random.uniform(1.0, 3.0))
-    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM after step" in err, err[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM during training; checkpoint" in err, err[-3000:]
     saved = load(run_dir / "checkpoints" / "last.ckpt")
     assert 100 <= saved["global_step"] < 3000, "the signal came too late to test anything"
     _assert_whole_step(saved)

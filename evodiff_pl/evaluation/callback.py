@@ -21,6 +21,7 @@ from evodiff_pl.utils.images import save_grid, to_uint8
 from evodiff_pl.evaluation.metrics import FrechetScore, build_extractor
 from evodiff_pl.sampling.plan import with_kind
 from evodiff_pl.schedules.grids import from_head, learned_kind
+from evodiff_pl.utils.stop import stoppable
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ class SampleQualityCallback(L.Callback):
     saves a fixed-seed grid per spec to `<out_dir>/grids/<spec name>_<images seen>.png` (images only)
     and sends it to W&B when a WandbLogger is attached. A spec whose learned schedule does not exist
     yet is skipped with an info line; a failing spec is skipped with a warning and never stops training.
+
+    A stop signal (`evodiff_pl.utils.stop`) is acted on between generated batches, on every rank together: the
+    evaluation is abandoned and stays `pending` in the callback's checkpointed state, so the rerun redoes it first
+    (before its first training step, or in the final validation).
 
     The LightningModule must expose `ema` (D(x, sigma[, labels])), `entropic_schedule` (or None), `head_schedule`
     (the schedule of an EDM2 head, for the head_* schedules; or None),
@@ -113,6 +118,8 @@ class SampleQualityCallback(L.Callback):
         self.score: FrechetScore | None = None
         self._evals = 0
         self._last_bucket = 0
+        self.pending = False
+        """An evaluation is under way (or was abandoned by a stop signal: the checkpoint records it for the rerun)."""
 
     @property
     def state_key(self) -> str:
@@ -120,11 +127,12 @@ class SampleQualityCallback(L.Callback):
                                         specs=tuple(s.name for s in self.specs))
 
     def state_dict(self) -> dict[str, int]:
-        return {"evals": self._evals, "last_bucket": self._last_bucket}
+        return {"evals": self._evals, "last_bucket": self._last_bucket, "pending": int(self.pending)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._evals = state_dict["evals"]
         self._last_bucket = state_dict["last_bucket"]
+        self.pending = bool(state_dict.get("pending", 0))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Build the score and load (or compute and cache, on rank 0) the reference statistics."""
@@ -161,6 +169,8 @@ class SampleQualityCallback(L.Callback):
         return guided(pl_module.ema, spec.guidance, pl_module.num_classes, *guide_of(self._gnet))
 
     def _due(self, pl_module: L.LightningModule) -> bool:
+        if self.pending:  # an abandoned evaluation, already counted
+            return True
         self._evals += 1
         if self.every_n_images is not None:
             bucket = int(pl_module.images_seen) // self.every_n_images
@@ -169,18 +179,34 @@ class SampleQualityCallback(L.Callback):
         return self._evals % (self.every_n_evals or 1) == 0
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not self._due(pl_module):
-            return
+        if not trainer.sanity_checking and self._due(pl_module):
+            self._evaluate_specs(trainer, pl_module, redo=False)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        """A resumed run redoes the evaluation that a stop signal abandoned, before its first training step."""
+        if self.pending:
+            self._evaluate_specs(trainer, pl_module, redo=True)
+
+    def _evaluate_specs(self, trainer: L.Trainer, pl_module: L.LightningModule, redo: bool) -> None:
+        """Score and log every spec (and save its grid); `pending` until the last one is done. A `redo` outside
+        validation goes to the loggers directly, at the step Lightning logs the evaluation after that step under."""
+        self.pending = True
         for spec in self.specs:
             start = time.perf_counter()
             sigmas = self._sigmas(pl_module, spec)
             value = None if sigmas is None else self.evaluate(trainer, pl_module, spec, sigmas)
             if value is None:
                 continue
-            pl_module.log(f"val/{self.score.name}/{spec.name}", value, sync_dist=False, rank_zero_only=False)
+            name = f"val/{self.score.name}/{spec.name}"
+            if not redo:
+                pl_module.log(name, value, sync_dist=False, rank_zero_only=False)
+            elif trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics({name: value}, step=max(trainer.global_step - 1, 0))
             rank_zero_info(f"val/{self.score.name}/{spec.name} = {value:.6g} ({time.perf_counter() - start:.1f} s)")
             if trainer.is_global_zero and self.grid_size and len(pl_module.sample_shape) == 3:
                 self._save_grid(trainer, pl_module, spec, sigmas)
+        self.pending = False
 
     def _sigmas(self, pl_module: L.LightningModule, spec: EvalSpec) -> Tensor | None:
         """The spec's grid, or None (with a message) when its learned schedule is missing or unusable."""
@@ -215,26 +241,30 @@ class SampleQualityCallback(L.Callback):
         score = self.score.to(pl_module.device)
         score.reset()
         n_failed = 0.0
-        try:
-            share = rank_indices(self.num_samples, trainer.global_rank, trainer.world_size)
-            start = last = time.perf_counter()
-            done = 0
-            for chunk in share.split(self.batch_size) if len(share) else ():
+        share = rank_indices(self.num_samples, trainer.global_rank, trainer.world_size)
+        start = last = time.perf_counter()
+        done = 0
+        # every rank goes through every round of `stoppable` (its collective stop checks), a failed one idle
+        for chunk in stoppable(share.split(self.batch_size) if len(share) else (), f"the evaluation of {spec.name}"):
+            if n_failed:
+                continue
+            try:
                 x = self._sample(pl_module, spec, sigmas, chunk)
                 if not bool(torch.isfinite(x).all()):
                     raise FloatingPointError("non-finite samples")
                 score.update(x)
-                done += len(chunk)
-                now = time.perf_counter()
-                if now - last >= self.progress_every_s and done < len(share):
-                    last, rate = now, done / (now - start)
-                    rank_zero_info(f"{spec.name}: {done * trainer.world_size}/{self.num_samples} samples, "
-                                   f"{rate * trainer.world_size:.0f} img/s, ETA {(len(share) - done) / rate:.0f} s")
-            if not len(share):  # a rank without samples still takes part in compute()
-                score.update(torch.empty(0, *pl_module.sample_shape, device=pl_module.device))
-        except Exception:  # one rank failing must not leave the others waiting in compute()
-            log.warning("rank %d: generating %s failed", trainer.global_rank, spec.name, exc_info=True)
-            n_failed = 1.0
+            except Exception:  # one rank failing must not leave the others waiting in compute()
+                log.warning("rank %d: generating %s failed", trainer.global_rank, spec.name, exc_info=True)
+                n_failed = 1.0
+                continue
+            done += len(chunk)
+            now = time.perf_counter()
+            if now - last >= self.progress_every_s and done < len(share):
+                last, rate = now, done / (now - start)
+                rank_zero_info(f"{spec.name}: {done * trainer.world_size}/{self.num_samples} samples, "
+                               f"{rate * trainer.world_size:.0f} img/s, ETA {(len(share) - done) / rate:.0f} s")
+        if not len(share) and not n_failed:  # a rank without samples still takes part in compute()
+            score.update(torch.empty(0, *pl_module.sample_shape, device=pl_module.device))
         n_failed = float(trainer.strategy.reduce(torch.tensor(n_failed, device=pl_module.device), reduce_op="sum"))
         if n_failed > 0:
             rank_zero_warn(f"skipping {spec.name}: sample generation failed on {int(n_failed)} rank(s)")

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from evodiff_pl.io.checkpointing import CheckpointError
 from evodiff_pl.data.image_files import DatasetNotFoundError
 from evodiff_pl.evaluation.metrics import InceptionWeightsError
-from evodiff_pl.utils.dist import process_group
+from evodiff_pl.utils.dist import process_group, world
+from evodiff_pl.utils.stop import STOP, Stopped, finish, raise_if_stopped
 from evodiff_pl.sampling.estimate import estimate, estimated_schedule_path, training_samples
 from evodiff_pl.sampling.job import SamplingJob, build, checkpoint_data, resolve_device, run, run_plan
 from evodiff_pl.sampling.options import SampleConfig, SampleError, parse_args, usage
@@ -34,20 +35,29 @@ USER_ERRORS = (SampleError, CheckpointError, DatasetNotFoundError, InceptionWeig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python sample.py key=value ...` (see `usage()`); known errors print one line and return 1."""
+    """`python sample.py key=value ...` (see `usage()`); known errors print one line and return 1; a stop signal
+    (SIGUSR1, SIGTERM) stops every rank between batches and returns 128 + the signal number (SIGUSR1 under SLURM
+    requeues the job), writing nothing for the setting it interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
+    STOP.install()
     try:
         cfg = parse_args(argv)
         with process_group(resolve_device(cfg.device)):
-            job = build(cfg)
-            if cfg.estimate_schedule:
-                estimate(job)
-            else:
-                run(job)
+            try:
+                job = build(cfg)
+                raise_if_stopped("set-up")
+                if cfg.estimate_schedule:
+                    estimate(job)
+                else:
+                    run(job)
+            except Stopped as stop:
+                return finish(stop, world()[0])
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        STOP.uninstall()
     return 0

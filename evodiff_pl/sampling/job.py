@@ -24,6 +24,7 @@ from evodiff_pl.data.datasets import DatasetNotFoundError, build_from_config
 from evodiff_pl.data.stream import DiffusionDataModule
 from evodiff_pl.utils.dist import world
 from evodiff_pl.utils.fileio import atomic_write_text
+from evodiff_pl.utils.stop import stoppable
 from evodiff_pl.sampling.generate import generate, rank_indices
 from evodiff_pl.sampling.guidance import guide_of, guided
 from evodiff_pl.utils.images import from_uint8, to_uint8, write_pngs
@@ -207,7 +208,8 @@ def build(cfg: SampleConfig) -> SamplingJob:
 
 
 def run_plan(job: SamplingJob, p: Plan) -> Result:
-    """Generate this rank's share of the seeds for one setting, write it and return the score (all ranks)."""
+    """Generate this rank's share of the seeds for one setting, write it and return the score (all ranks); a stop
+    signal raises `evodiff_pl.utils.stop.Stopped` between batches, before the setting's npz or score is written."""
     cfg, meta = job.cfg, job.loaded.meta
     rank, world_size = world()
     share = job.seeds[rank_indices(len(job.seeds), rank, world_size)]
@@ -219,7 +221,8 @@ def run_plan(job: SamplingJob, p: Plan) -> Result:
     if job.score is not None:
         job.score.reset()
     with tqdm(total=len(share), unit="img", desc=p.spec.name, disable=not cfg.progress or rank != 0) as bar:
-        for chunk in share.split(cfg.batch):  # an empty share is one empty chunk: every rank updates the score
+        # an empty share is one empty chunk: every rank updates the score; a stop signal is acted on between chunks
+        for chunk in stoppable(share.split(cfg.batch), f"setting {p.spec.name}"):
             x = generate(denoiser, chunk, shape, solver=p.spec.solver, sigmas=p.sigmas, seed=0,
                          batch_size=cfg.batch, num_classes=meta["num_classes"], device=job.device,
                          **p.spec.generate_options)

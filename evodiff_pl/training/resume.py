@@ -6,7 +6,8 @@
 - `PeriodicCheckpoint` writes `last.ckpt` and keeps `step-N.ckpt` archives (never overwritten);
   `AtomicCheckpointIO` makes Lightning write atomically, stamped with a digest (`evodiff_pl.io.checkpointing`).
 - `Preemption` turns SIGUSR1 (SLURM's warning before pre-emption or the time limit) and SIGTERM (scancel, the
-  limit itself) into one consistent checkpoint at a step boundary on every rank, a requeue, and a non-zero exit.
+  limit itself), wherever they come (`evodiff_pl.utils.stop`), into the checkpoint of the last whole step on every
+  rank, a requeue, and a non-zero exit; `keep_stop_handlers` keeps Lightning's own handler out.
 """
 
 from __future__ import annotations
@@ -16,18 +17,13 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Iterator
 
 import lightning as L
-import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import OmegaConf
 
 from evodiff_pl.io.checkpointing import (
@@ -35,8 +31,8 @@ from evodiff_pl.io.checkpointing import (
     write_checkpoint,
 )
 from evodiff_pl.config.schema import Config
-from evodiff_pl.utils.dist import world
 from evodiff_pl.utils.fileio import atomic_copy
+from evodiff_pl.utils.stop import STOP, Stopped, raise_if_stopped, requeue
 
 IGNORED = ("run.dir", "run.resume", "run.name", "checkpoint", "logger", "evaluation", "entropic.plot_nfe",
            "trainer.progress_bar", "trainer.val_every_steps", "data.root", "data.download", "data.pin_memory",
@@ -54,20 +50,6 @@ _UNSET = "<unset>"
 
 class RunLockedError(RuntimeError):
     """Another train.py holds the run directory."""
-
-
-class Preempted(Exception):
-    """The run stopped at a step boundary after SIGUSR1 or SIGTERM, with a checkpoint written."""
-
-    def __init__(self, signum: int, step: int, path: Path, requeued: bool) -> None:
-        self.signum, self.step, self.path, self.requeued = signum, step, path, requeued
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}; checkpoint {path} written"
-                         + ("; SLURM job requeued" if requeued else "; rerun the same command to resume"))
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -257,9 +239,9 @@ class PeriodicCheckpoint(L.Callback):
         if trainer.is_global_zero and not target.exists():
             atomic_copy(self.last, target)
 
-    def save_last(self, trainer: L.Trainer) -> Path:
-        """Write last.ckpt for the current step (every rank calls it; once per step)."""
-        if trainer.global_step != self._saved_step:
+    def save_last(self, trainer: L.Trainer, force: bool = False) -> Path:
+        """Write last.ckpt for the current step (every rank calls it; once per step unless `force`)."""
+        if force or trainer.global_step != self._saved_step:
             self._saved_step = trainer.global_step
             trainer.save_checkpoint(self.last, weights_only=False)
         return self.last
@@ -279,83 +261,44 @@ class PeriodicCheckpoint(L.Callback):
             self._archive(trainer, step)
 
 
-class StopSignals:
-    """SIGUSR1 and SIGTERM set `received` (the first signal's number) and do nothing else: no I/O and no collective
-    inside a signal handler. Installed by train.py before anything else, so a signal during start-up is kept too."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received = 0
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = self.received or signum
-
-    def install(self) -> None:
-        """Take SIGUSR1 and SIGTERM (from the main thread), remembering the handlers they replace the first time."""
-        for sig in self.SIGNALS:
-            previous = signal.signal(sig, self._handle)
-            self._previous.setdefault(sig, previous)
-
-    def uninstall(self) -> None:
-        """Give the signals back to the handlers `install` found; forget any signal received."""
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-        self.received = 0
-
-
-STOP = StopSignals()
-"""The process's stop signals (signal handlers are per process)."""
+def keep_stop_handlers(trainer: L.Trainer) -> None:
+    """Keep `STOP` the only SIGUSR1/SIGTERM handler while `trainer` runs. Lightning installs its own SIGTERM handler
+    when a trainer function starts (it broadcasts from inside the handler, so SIGTERM to one rank hangs the others,
+    and it lets `fit` return as if finished); with no public switch to turn it off, its registration installs
+    `STOP` instead (its SLURM requeue is off too: `SLURMEnvironment(auto_requeue=False)`)."""
+    trainer._signal_connector.register_signal_handlers = STOP.install
 
 
 class Preemption(L.Callback):
-    """Acts on `STOP` at step boundaries. After each whole training step the ranks agree on it (one all-reduce of a
-    CPU integer over a gloo group, so no device synchronisation); if any rank got a signal, all take part in
-    writing last.ckpt through `periodic`, rank 0 requeues the SLURM job (SIGUSR1 with SLURM_JOB_ID set:
-    `scontrol requeue`), and every rank raises `Preempted` (train.py exits with 128 + the signal number).
-    Lightning installs its own SIGTERM handler when fitting starts; `on_train_start` takes the signals back."""
+    """Acts on `STOP` (`evodiff_pl.utils.stop`) in training. The ranks agree on it at set-up (the first point where
+    they can: the process group exists) and after each whole training step; the evaluation callback checks it
+    between generated batches. When any rank got a signal every rank raises `Stopped`, and `on_exception` has all
+    ranks write last.ckpt through `periodic` (the state after the last whole step; rewritten during an evaluation so
+    that it records the evaluation as pending, to be redone by the rerun) and rank 0 requeue the SLURM job on
+    SIGUSR1 (`scontrol requeue`); train.py exits with 128 + the signal number. Before training starts (set-up, or a
+    rerun's final evaluation) the checkpoint resumed from is already the last whole step's: nothing is written."""
 
-    def __init__(self, periodic: PeriodicCheckpoint, signals: StopSignals = STOP) -> None:
+    def __init__(self, periodic: PeriodicCheckpoint) -> None:
         self.periodic = periodic
-        self.signals = signals
-        self._group: dist.ProcessGroup | None = None
+        self._training = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        raise_if_stopped("set-up")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signals.install()
-        if world()[1] > 1 and self._group is None:
-            self._group = dist.new_group(backend="gloo")
+        self._training = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        flag = torch.tensor([self.signals.received], dtype=torch.int64)
-        if self._group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        signum = int(flag.item())
-        if not signum:
+        raise_if_stopped("training")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, Stopped) or exception.path is not None:
             return
-        path = self.periodic.save_last(trainer)
-        requeued = trainer.is_global_zero and signum == signal.SIGUSR1 and _requeue()
-        raise Preempted(signum, trainer.global_step, path, requeued)
+        if self._training:
+            exception.path = self.periodic.save_last(trainer, force=trainer.validating)
+            exception.step = trainer.global_step
+        if trainer.is_global_zero and exception.signum == signal.SIGUSR1:
+            exception.requeued = requeue()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._group is not None:
-            dist.destroy_process_group(self._group)
-            self._group = None
-
-
-def _requeue() -> bool:
-    """`scontrol requeue` this SLURM job (array tasks included); False outside SLURM or when it fails."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    if not job:
-        return False
-    try:
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        rank_zero_warn(f"requeueing SLURM job {job} failed: {err}")
-        return False
-    if done.returncode:
-        rank_zero_warn(f"requeueing SLURM job {job} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.returncode == 0
+        self._training = False

@@ -5,7 +5,9 @@ Run directory layout (`run.dir`): `config.yaml` (the resolved config of the late
 (the learned schedule), `plots/` (loss per σ, schedule), `grids/` (samples), `wandb/` or `csv/` logs,
 `wandb_run_id`, and `train.lock` while a train.py runs there. Resume = run the same command again
 (`run.resume=auto`); a run whose training finished but whose final evaluation did not (killed during it)
-runs that evaluation on the rerun. SIGUSR1 / SIGTERM stop at a step boundary with a checkpoint (`resume.Preemption`).
+runs that evaluation on the rerun. SIGUSR1 / SIGTERM stop every rank within seconds wherever the run is, with the
+checkpoint of the last whole step (`evodiff_pl.utils.stop`, `resume.Preemption`); an evaluation they interrupt is
+redone by the rerun.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ from evodiff_pl.networks.precond import has_logvar_head
 from evodiff_pl.training.losses import LOSSES
 from evodiff_pl.networks.precond import build_precond
 from evodiff_pl.training.resume import (
-    STOP, AtomicCheckpointIO, PeriodicCheckpoint, Preempted, Preemption, ResumePoint, RunLock, RunLockedError,
+    AtomicCheckpointIO, PeriodicCheckpoint, Preemption, ResumePoint, RunLock, RunLockedError, keep_stop_handlers,
     mark_completed, resume_checkpoint,
 )
+from evodiff_pl.utils.stop import STOP, Stopped, finish, raise_if_stopped
 
 T = TypeVar("T")
 
@@ -214,6 +217,7 @@ def build(cfg: DictConfig) -> TrainingRun:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} (the global batch) is not divisible by the "
                           f"{trainer.world_size} processes (trainer.devices x trainer.num_nodes)")
     check_batch_gpu(datamodule.batch_gpu, cfg.data.batch_size, trainer.world_size)
+    keep_stop_handlers(trainer)
     datamodule.stream_from(int(resume.meta["images_seen"]) if resume is not None else 0)
     return TrainingRun(trainer, module, datamodule, resume, run_dir, config)
 
@@ -221,13 +225,16 @@ def build(cfg: DictConfig) -> TrainingRun:
 def run(cfg: DictConfig) -> TrainingRun:
     """Take the run directory (rank 0), print and save the config, then fit, resuming from the newest checkpoint
     if any; a run that finished training but not its final evaluation only evaluates. The finished run's
-    last.ckpt is marked completed."""
+    last.ckpt is marked completed. A stop signal raises `Stopped` (naming the checkpoint of the last whole step)."""
     STOP.install()
     lock = RunLock(cfg.run.dir)
+    training = None
     try:
         if rank_zero_only.rank == 0:
             lock.acquire()
+        raise_if_stopped("set-up")
         training = build(cfg)
+        raise_if_stopped("set-up")
         if rank_zero_only.rank == 0:
             for stale in remove_stale_temps(training.run_dir / "checkpoints"):
                 print(f"removed {stale} (a checkpoint write interrupted by a kill)", flush=True)
@@ -240,6 +247,10 @@ def run(cfg: DictConfig) -> TrainingRun:
         for logger in training.trainer.loggers:
             logger.log_hyperparams(training.config)
         _fit(training)
+    except Stopped as stop:
+        if stop.path is None and training is not None and training.resume is not None:
+            stop.path, stop.step = training.resume.path, int(training.resume.meta["global_step"])
+        raise
     finally:
         lock.release()
         STOP.uninstall()
@@ -278,7 +289,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python train.py [--config FILE] [--print-config] [key=value ...]`; known errors print one line and return 1, a
-    pre-empted run (SIGUSR1, SIGTERM) returns 128 + the signal number after its checkpoint."""
+    stopped run (SIGUSR1, SIGTERM) returns 128 + the signal number after its checkpoint (and requeue)."""
     parser = argparse.ArgumentParser(description="Train an EDM diffusion model with a learned entropic-time schedule.",
                                      epilog=usage(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
@@ -291,9 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg, resolve=True), end="")
             return 0
         run(cfg)
-    except Preempted as stop:
-        print(f"{stop}", file=sys.stderr, flush=True)
-        return stop.exit_code
+    except Stopped as stop:
+        return finish(stop, rank_zero_only.rank)
     except USER_ERRORS as err:
         print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
         return 1
