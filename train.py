@@ -6,7 +6,7 @@
 Rerunning the same command resumes from the newest checkpoint in run.dir.
 """
 
-from evodiff_pl.training.run import main
+from evodiff_pl.training.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -26,8 +27,8 @@ from evodiff_pl.config.keys import (ConfigError, check_kwargs, constructor_keys,
 
 def config_dir() -> Path:
     """The shipped YAML configs: `evodiff_pl/configs` of an installed package, else the checkout's `configs/`."""
-    here = Path(__file__).resolve().parent
-    return here / "configs" if (here / "configs").is_dir() else here.parent / "configs"
+    package = Path(__file__).resolve().parent.parent
+    return package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
 
 
 DEFAULT_CONFIG = config_dir() / "digits.yaml"
@@ -352,20 +353,34 @@ def usage() -> str:
     return "\n".join(lines[1:])
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML file (default configs/digits.yaml) <- `key=value` overrides, validated."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+def _config_file(path: str | Path) -> Path:
+    path = Path(path)
     shipped = config_dir() / path.name
     if not path.is_file() and path.parent in (Path("."), Path("configs")) and shipped.is_file():
         path = shipped  # `configs/cifar10.yaml` or `cifar10.yaml` outside a checkout: the copy in the package
     if not path.is_file():
         names = ", ".join(sorted(p.name for p in config_dir().glob("*.yaml")))
         raise ConfigError(f"config file {path} does not exist (shipped configs: {names})")
+    return path
+
+
+def load_config(path: str | Path | typing.Sequence[str | Path] | None = None,
+                overrides: typing.Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file(s) (default configs/digits.yaml; several: each over the previous) <- `key=value`
+    overrides, validated."""
+    paths = [DEFAULT_CONFIG] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     cfg = OmegaConf.structured(Config)
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-    except OmegaConfBaseException as err:
-        _raise_from_omegaconf(err, str(path))
+    for file in map(_config_file, paths):
+        try:
+            loaded = OmegaConf.load(file)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {file} is not YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {file} is not a YAML mapping of sections (run:, model:, ...)")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as err:
+            _raise_from_omegaconf(err, str(file))
     bad = [o for o in overrides if "=" not in o or o.startswith("+")]
     if bad:
         raise ConfigError(f"overrides must look like key=value (e.g. data.batch_size=64), got {bad[0]!r}")
