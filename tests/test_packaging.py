@@ -24,7 +24,7 @@ def test_package_lists_every_subpackage_and_declares_what_it_imports():
     assert packages == on_disk | {"evodiff_pl.configs"}
     requirements = [*project["project"]["dependencies"], *sum(project["project"]["optional-dependencies"].values(), [])]
     declared = {re.split(r"[<>=!~ \[]", d)[0].lower() for d in requirements}
-    import_names = {"PIL": "pillow", "sklearn": "scikit-learn", "torch_fidelity": "torch-fidelity"}
+    import_names = {"PIL": "pillow", "sklearn": "scikit-learn", "torch_fidelity": "torch-fidelity", "yaml": "pyyaml"}
     imported = set()
     for path in [*(ROOT / "evodiff_pl").rglob("*.py"), ROOT / "train.py", ROOT / "sample.py"]:
         for node in ast.walk(ast.parse(path.read_text())):

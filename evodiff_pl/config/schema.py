@@ -223,7 +223,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     evaluation: Dict[str, Any] = field(default_factory=lambda: {"enabled": True})
-    """`enabled` and the keyword arguments of `evodiff_pl.evaluation.callback.SampleQualityCallback` (out_dir
+    """`enabled` and the keyword arguments of `evodiff_pl.evaluation.settings.EvaluationSettings` (out_dir
     defaults to run.dir)."""
 
 
@@ -297,7 +297,7 @@ def _check_values(cfg: DictConfig) -> None:
 def check_forwarded(cfg: DictConfig) -> None:
     """Validate the sections forwarded to constructors (network, datamodule, evaluation callback)."""
     from evodiff_pl.data.datasets import DATASETS
-    from evodiff_pl.evaluation.callback import SampleQualityCallback
+    from evodiff_pl.evaluation.settings import EvaluationSettings
     from evodiff_pl.networks import NETWORKS
     from evodiff_pl.networks.precond import PRECONDS
 
@@ -328,13 +328,13 @@ def check_forwarded(cfg: DictConfig) -> None:
     enabled = evaluation.pop("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"evaluation.enabled={enabled!r} must be true or false")
-    check_kwargs("evaluation", SampleQualityCallback, evaluation)
+    check_kwargs("evaluation", EvaluationSettings, evaluation)
 
 
 def usage() -> str:
     """train.py's key reference: every key of the schema with its default and documentation."""
     from evodiff_pl.data.datasets import DATASETS
-    from evodiff_pl.evaluation.callback import SampleQualityCallback
+    from evodiff_pl.evaluation.settings import EvaluationSettings
     from evodiff_pl.networks import NETWORKS
 
     derived = ("img_resolution", "in_channels", "out_channels", "dim", "label_dim", "seed")
@@ -344,7 +344,7 @@ def usage() -> str:
                  for name, net in NETWORKS.items()]
     sections += [(f"data.* for data.name={name}", constructor_keys("data", dm, derived)) for name, dm in DATASETS.items()]
     sections.append(("evaluation.* (evaluation.enabled=true turns it on)",
-                     constructor_keys("evaluation", SampleQualityCallback)))
+                     constructor_keys("evaluation", EvaluationSettings)))
     lines: list[str] = []
     for title, rows in sections:
         lines += ["", title + ":"]
