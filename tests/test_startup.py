@@ -41,3 +41,10 @@ def test_a_finished_run_answers_without_lightning_or_its_config(tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--config", str(GMM), *overrides], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("nothing to do") and "model:" not in out.stdout
+
+
+def test_sample_help_lists_every_schedule():
+    from evodiff_pl.sampling.options import usage
+    from evodiff_pl.schedules.grids import SCHEDULES
+
+    assert all(name in usage() for name in SCHEDULES)
