@@ -75,7 +75,7 @@ def test_holdout_keeps_a_fixed_split_out_of_training_and_validates_on_it():
     assert _rows(train) | _rows(held) == _rows(every) and not _rows(train) & _rows(held)
     _, _, x_test, _ = digits_split()
     assert _rows(held) == _rows(x_test)  # the classifier's test split, whatever the run's seed
-    assert dm.stats_key() == "digits-8px-holdout450" and _rows(dm.real_images()) <= _rows(data.to_uint8(train))
+    assert dm.stats_key() == "digits-8px-holdout450" and _rows(dm.real_images()) <= _rows(to_uint8(train))
     (xb, _), = list(dm.val_dataloader())
     assert torch.equal(xb, held[:64])
     dm.stream_from(0)
