@@ -9,4 +9,4 @@ Rerunning the same command resumes from the newest checkpoint in run.dir.
 from evodiff_pl.utils.stop import launch  # takes SIGUSR1 / SIGTERM before the heavy imports (exit 128 + signal)
 
 if __name__ == "__main__":
-    raise SystemExit(launch("evodiff_pl.training.run"))
+    raise SystemExit(launch("evodiff_pl.training.cli"))

@@ -36,6 +36,7 @@ from evodiff_pl.training.module import EDMModule  # noqa: E402
 from evodiff_pl.networks import build_network  # noqa: E402
 from evodiff_pl.networks.precond import EDMPrecond  # noqa: E402
 from evodiff_pl.training.losses import EDMLoss  # noqa: E402
+from evodiff_pl.training.datamodule import as_lightning
 from omegaconf import OmegaConf  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def lightning_loop(module: EDMModule, dm, steps: int) -> list[float]:
     dm.stream_from(module.images_seen)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=as_lightning(dm))
     return [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])]
 
 

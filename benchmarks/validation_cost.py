@@ -25,6 +25,7 @@ from evodiff_pl.data.datasets import DigitsDataModule
 from evodiff_pl.evaluation.callback import SampleQualityCallback
 from evodiff_pl.networks import build_network
 from evodiff_pl.networks.precond import EDMPrecond
+from evodiff_pl.training.datamodule import as_lightning
 
 
 class TimedDenoiser(nn.Module):
@@ -117,7 +118,7 @@ def main() -> None:
             trainer = L.Trainer(accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
                                 default_root_dir=tmp)
-            (score,) = trainer.validate(module, datamodule=dm, verbose=False)[0].values()
+            (score,) = trainer.validate(module, datamodule=as_lightning(dm), verbose=False)[0].values()
             r = TimedCallback.result
             rows.append((n, r["wall"], r["denoiser"], 100 * (1 - r["denoiser"] / r["wall"]), r["peak_mb"],
                          n / r["wall"], r["calls"], score))

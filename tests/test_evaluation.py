@@ -16,6 +16,7 @@ from evodiff_pl.sampling.generate import EvalSpec
 from evodiff_pl.evaluation.metrics import FrechetScore
 from evodiff_pl.schedules.grids import get_sigmas
 from evodiff_pl.toy import GaussianMixture
+from evodiff_pl.training.datamodule import as_lightning
 
 
 class MixtureDenoiser(nn.Module):
@@ -118,7 +119,8 @@ def test_perfect_model_is_at_the_floor_and_a_biased_one_is_not(tmp_path):
     scores = {}
     for bias in (0.0, 0.3):
         cb = SampleQualityCallback(["dpmpp_2m/logsnr/20"], num_samples=1000, stats_dir=tmp_path, batch_size=500)
-        out = _trainer(tmp_path, cb).validate(FakeModule(dm.mixture, dm.shape, bias=bias), datamodule=dm, verbose=False)
+        out = _trainer(tmp_path, cb).validate(FakeModule(dm.mixture, dm.shape, bias=bias), datamodule=as_lightning(dm),
+                                              verbose=False)
         scores[bias] = out[0]["val/fd_pixels_1k/dpmpp_2m_logsnr_nfe20"]
     floor = FrechetScore("pixels", num_samples=1000, shape=dm.shape, stats_dir=tmp_path)
     floor.prepare_real(dm)
@@ -143,7 +145,7 @@ def test_images_names_grids_and_skipped_schedules(tmp_path, caplog):
     specs = ["heun/karras/16", "evodiff/rescaled_entropic/8"]
     cb = SampleQualityCallback(specs, num_samples=200, stats_dir=tmp_path / "stats", grid_size=9, out_dir=tmp_path)
     with caplog.at_level(logging.INFO):
-        out = _trainer(tmp_path, cb).validate(_digits_module(dm), datamodule=dm, verbose=False)[0]
+        out = _trainer(tmp_path, cb).validate(_digits_module(dm), datamodule=as_lightning(dm), verbose=False)[0]
     assert list(out) == ["val/fd_pixels_200/heun_karras_nfe16"]
     assert 0 < out["val/fd_pixels_200/heun_karras_nfe16"] < 64 * 255**2
     assert "skipping evodiff_rescaled_entropic_nfe8: no learned schedule yet" in caplog.text
@@ -152,7 +154,8 @@ def test_images_names_grids_and_skipped_schedules(tmp_path, caplog):
     assert (tmp_path / "stats").is_dir() and len(os.listdir(tmp_path / "stats")) == 1
 
     cb = SampleQualityCallback(specs, num_samples=200, stats_dir=tmp_path / "stats", grid_size=0)
-    out = _trainer(tmp_path, cb).validate(_digits_module(dm, schedule=LogSNRSchedule()), datamodule=dm, verbose=False)
+    out = _trainer(tmp_path, cb).validate(_digits_module(dm, schedule=LogSNRSchedule()), datamodule=as_lightning(dm),
+                                          verbose=False)
     assert sorted(out[0]) == ["val/fd_pixels_200/evodiff_rescaled_entropic_nfe8", "val/fd_pixels_200/heun_karras_nfe16"]
 
 
@@ -162,7 +165,7 @@ def test_failures_never_stop_training(tmp_path, fail, caplog):
     cb = SampleQualityCallback(["euler/logsnr/4"], num_samples=16, stats_dir=tmp_path)
     module = FakeModule(dm.mixture, dm.shape, fail=fail)
     with caplog.at_level(logging.WARNING), pytest.warns(UserWarning, match="skipping euler_logsnr_nfe4: sample gen"):
-        out = _trainer(tmp_path, cb).validate(module, datamodule=dm, verbose=False)
+        out = _trainer(tmp_path, cb).validate(module, datamodule=as_lightning(dm), verbose=False)
     assert out == [{}]
     assert ("non-finite samples" if fail == "nan" else "broken denoiser") in caplog.text
 
@@ -198,8 +201,8 @@ def test_one_and_two_processes_agree(tmp_path):
         stats = tmp_path / f"stats{devices}"  # reference statistics computed (on rank 0) in both runs
         cb = RecordingCallback(specs, num_samples=101, stats_dir=stats, batch_size=16, record_dir=str(record))
         module = FakeModule(dm.mixture, dm.shape, schedule=LogSNRSchedule())
-        results.append(_trainer(tmp_path, cb, devices=devices, strategy=strategy).validate(module, datamodule=dm,
-                                                                                             verbose=False)[0])
+        trainer = _trainer(tmp_path, cb, devices=devices, strategy=strategy)
+        results.append(trainer.validate(module, datamodule=as_lightning(dm), verbose=False)[0])
         by_index = {}
         for f in sorted(os.listdir(record)):
             indices, x = torch.load(record / f)

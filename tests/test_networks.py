@@ -11,7 +11,7 @@ from torch import nn
 
 from evodiff_pl.io.checkpointing import CheckpointError
 from evodiff_pl.io.denoiser import load_denoiser
-from evodiff_pl.training.resume import resume_checkpoint
+from evodiff_pl.training.resume_point import resume_checkpoint
 from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.networks.layers import LabelEmbedding
 from evodiff_pl.networks.unet_blocks import GroupNorm

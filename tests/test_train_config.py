@@ -69,7 +69,7 @@ def test_data_kwargs_follow_the_dataset():
 
 
 def test_main_prints_one_clear_line(capsys, tmp_path):
-    from evodiff_pl.training.run import main
+    from evodiff_pl.training.cli import main
 
     assert main(["--config", str(GMM), f"run.dir={tmp_path}", "run.seeed=1"]) == 1
     err = capsys.readouterr().err

@@ -156,7 +156,7 @@ def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path, caplog):
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
-    from evodiff_pl.training.run import main
+    from evodiff_pl.training.cli import main
 
     missing = tmp_path / "nowhere"
     assert main(["--config", str(DIGITS), f"run.dir={tmp_path / 'run'}", "data.name=image_folder",

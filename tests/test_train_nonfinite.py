@@ -37,7 +37,7 @@ def test_consecutive_nonfinite_steps_stop_with_checkpoint(tmp_path):
 
 
 def test_main_reports_the_stop_in_one_line(tmp_path, capsys):
-    from evodiff_pl.training.run import main
+    from evodiff_pl.training.cli import main
 
     overrides = tiny_gmm(tmp_path, "train.nan_loss_steps=[0,1]", "train.max_nonfinite_steps=1")
     with pytest.warns(UserWarning, match="non-finite"):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -230,7 +231,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     evaluation: Dict[str, Any] = field(default_factory=lambda: {"enabled": True})
-    """`enabled` and the keyword arguments of `evodiff_pl.evaluation.callback.SampleQualityCallback` (out_dir
+    """`enabled` and the keyword arguments of `evodiff_pl.evaluation.settings.EvaluationSettings` (out_dir
     defaults to run.dir)."""
 
 
@@ -304,7 +305,7 @@ def _check_values(cfg: DictConfig) -> None:
 def check_forwarded(cfg: DictConfig) -> None:
     """Validate the sections forwarded to constructors (network, datamodule, evaluation callback)."""
     from evodiff_pl.data.datasets import DATASETS
-    from evodiff_pl.evaluation.callback import SampleQualityCallback
+    from evodiff_pl.evaluation.settings import EvaluationSettings
     from evodiff_pl.networks import NETWORKS
     from evodiff_pl.networks.precond import PRECONDS
 
@@ -335,13 +336,13 @@ def check_forwarded(cfg: DictConfig) -> None:
     enabled = evaluation.pop("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"evaluation.enabled={enabled!r} must be true or false")
-    check_kwargs("evaluation", SampleQualityCallback, evaluation)
+    check_kwargs("evaluation", EvaluationSettings, evaluation)
 
 
 def usage() -> str:
     """train.py's key reference: every key of the schema with its default and documentation."""
     from evodiff_pl.data.datasets import DATASETS
-    from evodiff_pl.evaluation.callback import SampleQualityCallback
+    from evodiff_pl.evaluation.settings import EvaluationSettings
     from evodiff_pl.networks import NETWORKS
 
     derived = ("img_resolution", "in_channels", "out_channels", "dim", "label_dim", "seed")
@@ -351,7 +352,7 @@ def usage() -> str:
                  for name, net in NETWORKS.items()]
     sections += [(f"data.* for data.name={name}", constructor_keys("data", dm, derived)) for name, dm in DATASETS.items()]
     sections.append(("evaluation.* (evaluation.enabled=true turns it on)",
-                     constructor_keys("evaluation", SampleQualityCallback)))
+                     constructor_keys("evaluation", EvaluationSettings)))
     lines: list[str] = []
     for title, rows in sections:
         lines += ["", title + ":"]
@@ -360,20 +361,34 @@ def usage() -> str:
     return "\n".join(lines[1:])
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML file (default configs/digits.yaml) <- `key=value` overrides, validated."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+def _config_file(path: str | Path) -> Path:
+    path = Path(path)
     shipped = config_dir() / path.name
     if not path.is_file() and path.parent in (Path("."), Path("configs")) and shipped.is_file():
         path = shipped  # `configs/cifar10.yaml` or `cifar10.yaml` outside a checkout: the copy in the package
     if not path.is_file():
         names = ", ".join(sorted(p.name for p in config_dir().glob("*.yaml")))
         raise ConfigError(f"config file {path} does not exist (shipped configs: {names})")
+    return path
+
+
+def load_config(path: str | Path | typing.Sequence[str | Path] | None = None,
+                overrides: typing.Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file(s) (default configs/digits.yaml; several: each over the previous) <- `key=value`
+    overrides, validated."""
+    paths = [DEFAULT_CONFIG] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     cfg = OmegaConf.structured(Config)
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-    except OmegaConfBaseException as err:
-        _raise_from_omegaconf(err, str(path))
+    for file in map(_config_file, paths):
+        try:
+            loaded = OmegaConf.load(file)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {file} is not YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {file} is not a YAML mapping of sections (run:, model:, ...)")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as err:
+            _raise_from_omegaconf(err, str(file))
     bad = [o for o in overrides if "=" not in o or o.startswith("+")]
     if bad:
         raise ConfigError(f"overrides must look like key=value (e.g. data.batch_size=64), got {bad[0]!r}")

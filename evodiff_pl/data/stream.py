@@ -1,4 +1,7 @@
-"""The data stream of diffusion training: the LightningDataModule base every dataset builds on (`datasets`).
+"""The data stream of diffusion training: the datamodule base every dataset builds on (`datasets`).
+
+It does not import Lightning (sample.py reads datasets without it); `evodiff_pl.training.datamodule.as_lightning`
+gives the Trainer its LightningDataModule view.
 
 Every module yields training batches `(x, labels)`: x float32 of shape (B, *shape) (images in
 [-1, 1]), labels int64 (B,); labels are returned even when `num_classes == 0` (the model then
@@ -22,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import ClassVar
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -80,7 +82,7 @@ class _Images(Dataset):
         return (x.flip(-1) if i >= n else x), y
 
 
-class DiffusionDataModule(L.LightningDataModule):
+class DiffusionDataModule:
     """Common base: a seeded, resumable train loader, a one-batch val loader and the reference data.
 
     Subclasses set `shape` and `num_classes` in `__init__` and implement `_load()` (the
@@ -109,7 +111,6 @@ class DiffusionDataModule(L.LightningDataModule):
                 whole share of the batch); the share is reached by gradient accumulation, with the same result up
                 to rounding (`evodiff_pl.training.accumulate`). Must divide batch_size / processes (or exceed it: one round).
         """
-        super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if batch_gpu is not None and batch_gpu < 1:
@@ -135,6 +136,11 @@ class DiffusionDataModule(L.LightningDataModule):
         self._data: Dataset | None = None
         self._heldout: Dataset | None = None
         self._stream_start = 0
+        self.trainer = None
+        """Set by the Trainer's view (`as_lightning`): the process's rank and world size for the train loader."""
+
+    def prepare_data(self) -> None:
+        """Download what `_load` needs (subclasses), on the processes `prepare_data_per_node` names."""
 
     def _load(self) -> Dataset:
         """The un-augmented dataset of (x, label), x uint8 or float32 in [-1, 1] (images) or float32 (vectors)."""

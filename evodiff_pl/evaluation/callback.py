@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.evaluation.settings import EvaluationSettings
 from evodiff_pl.sampling.generate import EvalSpec, generate, rank_indices
 from evodiff_pl.sampling.guidance import Denoiser, guide_of, guided
 from evodiff_pl.utils.images import save_grid, to_uint8
-from evodiff_pl.evaluation.metrics import FrechetScore, build_extractor
+from evodiff_pl.evaluation.metrics import FrechetScore
 from evodiff_pl.sampling.plan import with_kind
 from evodiff_pl.schedules.grids import from_head, learned_kind
 from evodiff_pl.utils.stop import stoppable
@@ -26,7 +25,7 @@ from evodiff_pl.utils.stop import stoppable
 log = logging.getLogger(__name__)
 
 
-class SampleQualityCallback(L.Callback):
+class SampleQualityCallback(EvaluationSettings, L.Callback):
     """Fréchet distance of EMA samples to the training data for each `EvalSpec`, every few validations.
 
     Every rank generates its strided share of the `num_samples` indices (sample j uses seed + j, so the
@@ -43,83 +42,9 @@ class SampleQualityCallback(L.Callback):
     The LightningModule must expose `ema` (D(x, sigma[, labels])), `entropic_schedule` (or None), `head_schedule`
     (the schedule of an EDM2 head, for the head_* schedules; or None),
     `sample_shape`, `num_classes`, `sigma_min`, `sigma_max` and `images_seen`; the datamodule
-    `shape`, `stats_key()` and `real_images(max_n)`. The reference statistics are prepared in `setup`.
+    `shape`, `stats_key()` and `real_images(max_n)`. The reference statistics are prepared in `setup`. Its
+    options and their checks are `EvaluationSettings`' (read by train.py's --help without Lightning).
     """
-
-    def __init__(
-        self,
-        specs: Sequence[EvalSpec | str | Mapping],
-        num_samples: int = 2000,
-        *,
-        every_n_evals: int | None = None,
-        every_n_images: int | None = None,
-        seed: int = 0,
-        feature: str = "pixels",
-        weights_path: str | os.PathLike | None = None,
-        stats_dir: str | os.PathLike | None = None,
-        num_real: int | None = None,
-        batch_size: int = 256,
-        grid_size: int = 64,
-        out_dir: str | os.PathLike | None = None,
-        progress_every_s: float = 60.0,
-        gnet: str | os.PathLike | None = None,
-    ) -> None:
-        """
-        Args:
-            specs: evaluation settings, as EvalSpec or "solver/schedule/nfe[/protocol]" strings (e.g.
-                "evodiff/rescaled_entropic/10", "dpmpp_2m/logsnr/10", "heun/karras/36": heun makes
-                2 NFE per step, so its NFE is even; "heun/karras/35/edm": EDM's generate.py protocol;
-                "heun/karras/35/edm/guidance=1.5/class=3": guided, every sample of class 3).
-            num_samples: generated samples per spec and evaluation, over all ranks.
-            every_n_evals: evaluate at every n-th validation epoch (sanity check excluded).
-            every_n_images: evaluate at the first validation after each multiple of n training images
-                (`pl_module.images_seen`); exclusive with every_n_evals. Neither: every validation.
-            seed: base seed of the generated samples (sample j uses seed + j) and of the grids.
-            feature: "pixels" (Fréchet distance on pixels / raw vectors, offline) or "inception" (FID).
-            weights_path: local InceptionV3 weights for feature="inception" (needed offline).
-            stats_dir: cache of reference statistics; default ~/.cache/evodiff-pl/stats.
-            num_real: reference samples used; None = the whole `real_images()`.
-            batch_size: samples per denoiser call on each rank.
-            grid_size: images in each spec's sample grid; 0 disables the grids.
-            out_dir: the grids go to out_dir/grids; default the trainer's default_root_dir.
-            progress_every_s: rank 0 reports the evaluation's progress (samples, img/s, ETA) at most this often.
-            gnet: the guiding network of the specs with guidance (a run directory, .ckpt or NVlabs pickle; its EMA
-                weights); None: such specs use classifier-free guidance with the null label.
-        """
-        super().__init__()
-        self.specs = [EvalSpec.parse(s) for s in specs]
-        if not self.specs:
-            raise ValueError("specs is empty: give at least one 'solver/schedule/nfe'")
-        names = [s.name for s in self.specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate specs: {names}")
-        if every_n_evals is not None and every_n_images is not None:
-            raise ValueError("set every_n_evals or every_n_images, not both")
-        for key, value in (("every_n_evals", every_n_evals), ("every_n_images", every_n_images)):
-            if value is not None and value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
-        if num_samples < 2 or batch_size < 1 or grid_size < 0:
-            raise ValueError(f"need num_samples >= 2, batch_size >= 1, grid_size >= 0; got {num_samples}, "
-                             f"{batch_size}, {grid_size}")
-        self.num_samples = num_samples
-        self.every_n_evals = every_n_evals
-        self.every_n_images = every_n_images
-        self.seed = seed
-        self.feature = feature
-        self.stats_dir = stats_dir
-        self.num_real = num_real
-        self.batch_size = batch_size
-        self.grid_size = grid_size
-        self.out_dir = out_dir
-        self.progress_every_s = progress_every_s
-        # Build (and so check) the Inception weights now, not after the first training epoch.
-        self._extractor = build_extractor(feature, weights_path=weights_path) if feature != "pixels" else None
-        self._gnet = load_denoiser(gnet) if gnet is not None else None
-        self.score: FrechetScore | None = None
-        self._evals = 0
-        self._last_bucket = 0
-        self.pending = False
-        """An evaluation is under way (or was abandoned by a stop signal: the checkpoint records it for the rerun)."""
 
     @property
     def state_key(self) -> str:

@@ -243,6 +243,10 @@ class FrechetScore:
         n = "all" if self.num_real is None else str(self.num_real)
         return self.stats_dir / f"{safe}-{self.feature_name}-{_fingerprint(self.metric.inception)}-n{n}.pt"
 
+    def reference_statistics(self) -> dict[str, Tensor]:
+        """The loaded reference statistics (sum, outer_sum, count) on the CPU: rank 0's; zeros on other ranks."""
+        return self._features_state()
+
     def _features_state(self) -> dict[str, Tensor]:
         m = self.metric
         return {

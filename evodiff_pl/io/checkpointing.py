@@ -65,14 +65,19 @@ def _feed(h: Any, obj: Any) -> None:
         h.update(f"{type(obj).__name__}:{obj!r}".encode())
 
 
+def content_digest(obj: Any) -> str:
+    """BLAKE2b of nested dicts, lists and tensors (every tensor's bytes, every other value's repr)."""
+    h = hashlib.blake2b(digest_size=20)
+    _feed(h, obj)
+    return h.hexdigest()
+
+
 def digest(ckpt: dict[str, Any]) -> str:
     """BLAKE2b of a checkpoint's content without its own `digest` entry."""
     meta = ckpt[CHECKPOINT_KEY]
     stored = meta.pop("digest", None)
     try:
-        h = hashlib.blake2b(digest_size=20)
-        _feed(h, ckpt)
-        return h.hexdigest()
+        return content_digest(ckpt)
     finally:
         if stored is not None:
             meta["digest"] = stored

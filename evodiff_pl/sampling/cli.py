@@ -13,25 +13,33 @@ and the table of all settings as `scores.csv` and `scores.md`.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from evodiff_pl.io.checkpointing import CheckpointError
-from evodiff_pl.data.image_files import DatasetNotFoundError
-from evodiff_pl.evaluation.metrics import InceptionWeightsError
-from evodiff_pl.utils.dist import process_group, world
 from evodiff_pl.utils.stop import STOP, Stopped, finish, raise_if_stopped
-from evodiff_pl.sampling.estimate import estimate, estimated_schedule_path, training_samples
-from evodiff_pl.sampling.job import SamplingJob, build, checkpoint_data, resolve_device, run, run_plan
 from evodiff_pl.sampling.options import SampleConfig, SampleError, parse_args, usage
 
-__all__ = [
-    "SampleConfig", "SampleError", "SamplingJob", "build", "checkpoint_data", "estimate", "estimated_schedule_path",
-    "main", "run", "run_plan", "training_samples",
-]
+_LAZY = {"SamplingJob": "job", "build": "job", "checkpoint_data": "job", "run": "job", "run_plan": "job",
+         "estimate": "estimate", "estimated_schedule_path": "estimate", "training_samples": "estimate"}
+"""Names re-exported from the modules that import the networks and metrics, loaded on first use (fast --help)."""
 
-USER_ERRORS = (SampleError, CheckpointError, DatasetNotFoundError, InceptionWeightsError)
-"""Errors reported as one line (no traceback) by `main`."""
+__all__ = ["SampleConfig", "SampleError", "main", "parse_args", "usage", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"evodiff_pl.sampling.{_LAZY[name]}"), name)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors reported as one line (no traceback) by `main`."""
+    from evodiff_pl.data.image_files import DatasetNotFoundError
+    from evodiff_pl.evaluation.metrics import InceptionWeightsError
+    from evodiff_pl.io.checkpointing import CheckpointError
+    return SampleError, CheckpointError, DatasetNotFoundError, InceptionWeightsError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
+    errors = user_errors()
+    from evodiff_pl.sampling.estimate import estimate
+    from evodiff_pl.sampling.job import build, resolve_device, run
+    from evodiff_pl.utils.dist import process_group, world
     STOP.install()
     try:
         cfg = parse_args(argv)
@@ -55,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run(job)
             except Stopped as stop:
                 return finish(stop, world()[0])
-    except USER_ERRORS as err:
+    except errors as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:

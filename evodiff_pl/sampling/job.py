@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from evodiff_pl.io.checkpointing import LoadedCheckpoint
 from evodiff_pl.io.denoiser import load_denoiser
 from evodiff_pl.data.datasets import DatasetNotFoundError, build_from_config
 from evodiff_pl.data.stream import DiffusionDataModule
-from evodiff_pl.utils.dist import world
+from evodiff_pl.utils.dist import all_reduce, world
 from evodiff_pl.utils.fileio import atomic_write_text
 from evodiff_pl.utils.stop import stoppable
 from evodiff_pl.sampling.generate import generate, rank_indices
@@ -39,6 +38,7 @@ from evodiff_pl.sampling.outputs import (
     Result, check_writable, default_outdir, gather_rows, output_formats, table, to_csv, to_markdown, write_npz,
 )
 from evodiff_pl.sampling.plan import Plan, plans
+from evodiff_pl.sampling.sweep import KEY, Progress, scored_rows, setting_key, weights_key
 
 
 def resolve_device(name: str) -> torch.device:
@@ -220,7 +220,8 @@ def run_plan(job: SamplingJob, p: Plan) -> Result:
     kept = []
     if job.score is not None:
         job.score.reset()
-    with tqdm(total=len(share), unit="img", desc=p.spec.name, disable=not cfg.progress or rank != 0) as bar:
+    bar = Progress(len(share), p.spec.name, cfg.progress and rank == 0)
+    try:
         # an empty share is one empty chunk: every rank updates the score; a stop signal is acted on between chunks
         for chunk in stoppable(share.split(cfg.batch), f"setting {p.spec.name}"):
             x = generate(denoiser, chunk, shape, solver=p.spec.solver, sigmas=p.sigmas, seed=0,
@@ -236,6 +237,8 @@ def run_plan(job: SamplingJob, p: Plan) -> Result:
             if "npz" in job.formats:
                 kept.append(out)
             bar.update(len(chunk))
+    finally:
+        bar.close()
     if "npz" in job.formats:
         gathered = gather_rows(share, torch.cat(kept), job.seeds)
         if gathered is not None:
@@ -244,13 +247,45 @@ def run_plan(job: SamplingJob, p: Plan) -> Result:
     return Result(p, value, time.perf_counter() - start)
 
 
+def _already_scored(key: str, previous: dict[str, dict[str, str]]) -> bool:
+    """Rank 0's answer (from scores.csv), the same on every rank."""
+    found = torch.tensor(float(world()[0] == 0 and key in previous))
+    return bool(all_reduce(found) > 0) if world()[1] > 1 else bool(found)
+
+
+def _shown(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows without their key (scores.md and the printed table)."""
+    return [{k: v for k, v in r.items() if k != KEY} for r in rows]
+
+
 def run(job: SamplingJob) -> list[dict[str, str]]:
-    """Every setting in turn; rank 0 prints the table, then writes scores.csv and scores.md. Returns the rows."""
-    results = [run_plan(job, p) if p.spec is not None else Result(p) for p in job.plans]
-    rows = table(results, job.score.name if job.score is not None else None, len(job.seeds))
-    if world()[0] == 0:
-        text = to_markdown(rows)
-        print(f"{len(job.seeds)} samples per setting from {job.loaded.path} -> {job.outdir}\n{text}", flush=True)
-        atomic_write_text(job.outdir / "scores.md", text)
-        atomic_write_text(job.outdir / "scores.csv", to_csv(rows))
-    return rows
+    """Every setting in turn; after each, rank 0 rewrites scores.csv and scores.md (atomically) with the rows so far.
+    A setting whose score scores.csv already holds for the same weights, seeds, reference statistics and sigma grid
+    (`evodiff_pl.sampling.sweep`) is not run again. Rank 0 prints the table at the end. Returns the rows."""
+    cfg, rank = job.cfg, world()[0]
+    name = job.score.name if job.score is not None else None
+    csv_path = job.outdir / "scores.csv"
+    previous = scored_rows(csv_path) if rank == 0 else {}
+    weights = weights_key(job.loaded, cfg.ema)
+    reference = job.score.reference_statistics() if job.score is not None else None
+    rows: list[dict[str, str]] = []
+    for p in job.plans:
+        key = "" if p.spec is None else setting_key(weights, job.seeds, cfg.score, reference, p.spec.name,
+                                                    {**p.spec.generate_options, "vae": cfg.vae}, p.sigmas)
+        if p.spec is not None and _already_scored(key, previous):
+            row = _shown([previous.get(key, {})])[0]
+            if rank == 0:
+                print(f"{p.spec.name}: skipped, {csv_path} already holds its score for this checkpoint, seeds and "
+                      "reference statistics", flush=True)
+        else:
+            row = table([run_plan(job, p) if p.spec is not None else Result(p)], name, len(job.seeds))[0]
+            if rank == 0 and p.spec is not None:
+                print(f"{p.spec.name}: {name or 'done'} {row[name or 'score']} in {row['seconds']} s", flush=True)
+        rows.append({**row, KEY: key})
+        if rank == 0:
+            atomic_write_text(job.outdir / "scores.md", to_markdown(_shown(rows)))
+            atomic_write_text(csv_path, to_csv(rows))
+    if rank == 0:
+        print(f"{len(job.seeds)} samples per setting from {job.loaded.path} -> {job.outdir}\n"
+              f"{to_markdown(_shown(rows))}", flush=True)
+    return _shown(rows)

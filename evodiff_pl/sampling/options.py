@@ -38,7 +38,8 @@ class SampleConfig:
     dpmpp_2m, dpmpp_3m, evodiff, evodiff_consistent, unipc, ipndm, edm_stochastic, dpmpp_2m_sde)."""
     schedule: str = "rescaled_entropic"
     """Schedule, or a comma-separated list: karras, logsnr, entropic, rescaled_entropic (the learned ones use
-    the schedule stored in the checkpoint, or schedule_file)."""
+    the schedule stored in the checkpoint, or schedule_file), head_entropic, head_rescaled_entropic (from the
+    log-variance head of an EDM2 network)."""
     nfe: str = "10"
     """Denoiser calls per sample, or a comma-separated list (heun makes 2 per step: even values only)."""
     class_label: Optional[int] = None

@@ -184,7 +184,7 @@ class EntropicSchedule:
         if len(nodes) < need:
             raise ValueError(f"the {tracker.n_bins} loss bins hold {tracker.counts().sum().item():.6g} samples in "
                              f"{len(nodes)} groups of >= {min_count:g}; need at least {need} groups to estimate an "
-                             "entropic schedule (train longer, sync(), or lower min_count)")
+                             "entropic schedule (train longer: more samples in the loss bins)")
         x, total, count = torch.tensor(nodes, dtype=torch.float64).unbind(1)
         log_sigma, q = x / count, total / count
         bad = ~(torch.isfinite(q) & (q > 0))

@@ -7,15 +7,12 @@ Run directory layout (`run.dir`): `config.yaml` (the resolved config of the late
 (`run.resume=auto`); a run whose training finished but whose final evaluation did not (killed during it)
 runs that evaluation on the rerun. SIGUSR1 / SIGTERM stop every rank within seconds wherever the run is, with the
 checkpoint of the last whole step (`evodiff_pl.utils.stop`, `resume.Preemption`); an evaluation they interrupt is
-redone by the rerun.
+redone by the rerun. The command line (`main`) is `evodiff_pl.training.cli`, which imports this module only to train.
 """
 
 from __future__ import annotations
 
-import argparse
-import errno
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from evodiff_pl.data.augment import AUGMENT_DIM
 from evodiff_pl.io.checkpointing import CheckpointError
-from evodiff_pl.config.schema import DEFAULT_CONFIG, ConfigError, load_config, to_dict, usage
+from evodiff_pl.config.schema import ConfigError, to_dict
 from evodiff_pl.data.datasets import DataError, DatasetNotFoundError, build_from_config
 from evodiff_pl.data.stream import DiffusionDataModule
+from evodiff_pl.training.datamodule import as_lightning
 from evodiff_pl.utils.fileio import atomic_write_text, remove_stale_temps
 from evodiff_pl.evaluation.callback import SampleQualityCallback
 from evodiff_pl.training.loggers import (PlainProgress, ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb,
@@ -51,10 +49,10 @@ from evodiff_pl.networks.precond import has_logvar_head
 from evodiff_pl.training.losses import LOSSES
 from evodiff_pl.networks.precond import build_precond
 from evodiff_pl.training.resume import (
-    AtomicCheckpointIO, PeriodicCheckpoint, Preemption, ResumePoint, RunLock, RunLockedError, keep_stop_handlers,
-    mark_completed, resume_checkpoint,
+    AtomicCheckpointIO, PeriodicCheckpoint, Preemption, RunLock, RunLockedError, keep_stop_handlers,
 )
-from evodiff_pl.utils.stop import STOP, Stopped, finish, raise_if_stopped
+from evodiff_pl.training.resume_point import ResumePoint, mark_completed, resume_checkpoint
+from evodiff_pl.utils.stop import STOP, Stopped, raise_if_stopped
 
 T = TypeVar("T")
 
@@ -266,11 +264,11 @@ def _fit(training: TrainingRun) -> None:
                 print(f"{training.ckpt_path} is complete (training and final evaluation): nothing to do", flush=True)
             elif training.finished_training:
                 print("training finished but its final evaluation did not: running it now", flush=True)
-                training.trainer.validate(training.module, datamodule=training.datamodule,
+                training.trainer.validate(training.module, datamodule=as_lightning(training.datamodule),
                                           ckpt_path=training.ckpt_path, weights_only=True, verbose=False)
             elif not training.finished_training:
-                training.trainer.fit(training.module, datamodule=training.datamodule, ckpt_path=training.ckpt_path,
-                                     weights_only=True)
+                training.trainer.fit(training.module, datamodule=as_lightning(training.datamodule),
+                                     ckpt_path=training.ckpt_path, weights_only=True)
         last = training.run_dir / "checkpoints" / "last.ckpt"
         if training.trainer.is_global_zero and last.is_file():
             mark_completed(last)
@@ -285,32 +283,3 @@ def _one_line(err: BaseException) -> str:
     if "Original Traceback" in str(err) and lines:
         return lines[-1].split(": ", 1)[-1]
     return " ".join(line.strip() for line in lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python train.py [--config FILE] [--print-config] [key=value ...]`; known errors print one line and return 1, a
-    stopped run (SIGUSR1, SIGTERM) returns 128 + the signal number after its checkpoint (and requeue)."""
-    parser = argparse.ArgumentParser(description="Train an EDM diffusion model with a learned entropic-time schedule.",
-                                     epilog=usage(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/digits.yaml)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.devices=8 data.batch_size=64")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
-            return 0
-        run(cfg)
-    except Stopped as stop:
-        return finish(stop, rank_zero_only.rank)
-    except USER_ERRORS as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
-        return 1
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        print(f"error: no space left on device writing {err.filename or 'a file'}: free space there or set "
-              "run.dir to another disk, then rerun the same command to resume", file=sys.stderr, flush=True)
-        return 1
-    return 0
