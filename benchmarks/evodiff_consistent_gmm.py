@@ -10,6 +10,8 @@ samples). Two tables:
 2. Accuracy vs NFE on the four schedules: RMSE, median per-sample RMSE and Fréchet distance. Besides the three
    registered solvers, two fixed-weight ablations of evodiff_consistent show what the per-sample weight does:
    eta = 0 (forward difference only) and eta = 1/2 (the even blend); eta = 1 is dpmpp_2m.
+4. The weight of evodiff_consistent (eta=None per sample, or fixed 0, 1/6, 1/2, 1) and UniPC-2: table 2's
+   columns on Karras, log-SNR and rescaled-entropic grids at --nfe, and table 1's convergence at --steps.
 3. The same as 2 with a trained denoiser (--mlp: the MLP of `gmm_nfe.py`, EMA weights, float32) on Karras,
    log-SNR and its training schedule; errors against the exact ODE endpoint of the same x_T.
 
@@ -17,6 +19,8 @@ samples). Two tables:
         > benchmarks/results/evodiff_consistent_gmm.log
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/evodiff_consistent_gmm.py --tables 3 --ode-steps 500 \
         --mlp benchmarks/results/gmm_ema.ckpt > benchmarks/results/evodiff_consistent_gmm_mlp.log
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/evodiff_consistent_gmm.py --tables 4 --nfe 5 10 15 20 --ode-steps 1000 \
+        --steps 24 48 96 > benchmarks/results/evodiff_consistent_weights_gmm.log
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,6 +49,16 @@ SOLVERS = {
     "  eta=0 (ablation)": ("evodiff_consistent", {"eta": 0.0}),
     "  eta=1/2 (ablation)": ("evodiff_consistent", {"eta": 0.5}),
 }
+# table 4: the weight of the backward difference, per sample (eta=None) or fixed; eta = 1 is dpmpp_2m and
+# eta = 1/6 UniC-2's weight in the limit of uniform small steps (docs/evodiff_consistent.md §3)
+WEIGHTS = {
+    "per-sample (None)": ("evodiff_consistent", {"eta": None}),
+    "eta=0": ("evodiff_consistent", {"eta": 0.0}),
+    "eta=1/6": ("evodiff_consistent", {"eta": 1 / 6}),
+    "eta=1/2": ("evodiff_consistent", {"eta": 0.5}),
+    "eta=1 (dpmpp_2m)": ("evodiff_consistent", {"eta": 1.0}),
+    "unipc": ("unipc", {}),
+}
 CONVERGENCE_SOLVERS = ("dpmpp_2m", "evodiff", "evodiff_consistent")
 CONVERGENCE_GRIDS = ("karras", "logsnr", "rescaled_entropic")
 SCHEDULES = ("karras", "logsnr", "rescaled_entropic", "entropic")
@@ -57,7 +72,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[24, 48, 96, 192, 384, 768], help="convergence table")
     p.add_argument("--ode-steps", type=int, default=2000, help="RK4 steps of the exact ODE endpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tables", type=int, nargs="+", default=[1, 2], choices=[1, 2, 3])
+    p.add_argument("--tables", type=int, nargs="+", default=[1, 2], choices=[1, 2, 3, 4])
     p.add_argument("--mlp", default=None, help="checkpoint of the trained mixture MLP (table 3)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -69,13 +84,7 @@ def main() -> None:
     t0 = time.perf_counter()
     exact = gm.ode_solve(x_T, smax, smin, n_steps=args.ode_steps)
     print(f"exact ODE endpoint ({args.ode_steps} RK4 steps, {args.samples} samples): {time.perf_counter() - t0:.0f} s")
-    # the exact MMSE on 129 log-spaced levels, as schedules_gmm.py
-    levels = torch.logspace(math.log10(smin), math.log10(smax), 129, dtype=torch.float64)
-    m = gm.mmse(levels, n_mc=4096, generator=torch.Generator().manual_seed(args.seed + 2))
-    learned = {k: EntropicSchedule.from_mmse(levels, m, kind=k, dim=gm.dim) for k in ("rescaled_entropic", "entropic")}
-
-    def sigmas(schedule: str, n: int) -> Tensor:
-        return get_sigmas(schedule, n, smin, smax, **({"schedule": learned[schedule]} if schedule in learned else {}))
+    sigmas = mixture_grids(gm, smin, smax, args.seed)
 
     def errors(x: Tensor) -> tuple[float, float]:
         per_sample = (x - exact).square().mean(1)
@@ -89,6 +98,13 @@ def main() -> None:
               f"samples; the exact ODE endpoint's own FD: {floor:.4f}")
         grids = {s: (lambda n, s=s: sigmas(s, n)) for s in SCHEDULES}
         accuracy(args, gm.denoise, x_T, grids, errors, mu_data, cov_data)
+    if 4 in args.tables:
+        floor = frechet_distance(*gaussian_fit(exact), mu_data, cov_data)
+        print(f"\nTable 4: the weight eta of evodiff_consistent; FD against {args.fresh} fresh samples "
+              f"(exact ODE endpoint's own FD: {floor:.4f})")
+        accuracy(args, gm.denoise, x_T, {s: (lambda n, s=s: sigmas(s, n)) for s in CONVERGENCE_GRIDS}, errors,
+                 mu_data, cov_data, WEIGHTS)
+        convergence(args, gm, x_T, sigmas, errors, WEIGHTS)
     if 3 in args.tables:
         if args.mlp is None:
             raise SystemExit("table 3 needs --mlp CKPT")
@@ -100,14 +116,25 @@ def main() -> None:
         accuracy(args, loaded.denoiser, x_T.float(), grids, errors, mu_data, cov_data)
 
 
-def convergence(args, gm: GaussianMixture, x_T: Tensor, sigmas, errors) -> None:
+def mixture_grids(gm: GaussianMixture, smin: float, smax: float, seed: int) -> Callable[[str, int], Tensor]:
+    """sigmas(schedule, n): fixed grids by name, (rescaled_)entropic from the mixture's exact MMSE on 129 levels."""
+    levels = torch.logspace(math.log10(smin), math.log10(smax), 129, dtype=torch.float64)
+    m = gm.mmse(levels, n_mc=4096, generator=torch.Generator().manual_seed(seed + 2))
+    learned = {k: EntropicSchedule.from_mmse(levels, m, kind=k, dim=gm.dim) for k in ("rescaled_entropic", "entropic")}
+
+    def sigmas(schedule: str, n: int) -> Tensor:
+        return get_sigmas(schedule, n, smin, smax, **({"schedule": learned[schedule]} if schedule in learned else {}))
+
+    return sigmas
+
+
+def convergence(args, gm: GaussianMixture, x_T: Tensor, sigmas, errors, solvers: dict | None = None) -> None:
     print(f"\nTable 1: median per-sample RMSE to the exact ODE endpoint vs steps N ({args.samples} samples)")
     head = f"{'grid':<18} {'solver':<20} " + " ".join(f"{'N=' + str(n):>9}" for n in args.steps)
     print(head + "   order(24-96)  order(192-768)  local orders per doubling")
     print("-" * (len(head) + 60))
     for grid in CONVERGENCE_GRIDS:
-        for label in CONVERGENCE_SOLVERS:
-            solver, options = SOLVERS[label]
+        for label, (solver, options) in (solvers or {k: SOLVERS[k] for k in CONVERGENCE_SOLVERS}).items():
             med = [errors(solve(solver, gm.denoise, x_T, sigmas(grid, n), **options))[1] for n in args.steps]
 
             def order(lo: int, hi: int) -> str:
@@ -124,11 +151,12 @@ def convergence(args, gm: GaussianMixture, x_T: Tensor, sigmas, errors) -> None:
 
 
 @torch.no_grad()
-def accuracy(args, denoiser, x_T: Tensor, grids: dict, errors, mu_data: Tensor, cov_data: Tensor) -> None:
+def accuracy(args, denoiser, x_T: Tensor, grids: dict, errors, mu_data: Tensor, cov_data: Tensor,
+             solvers: dict = SOLVERS) -> None:
     print(f"{'schedule':<24} {'solver':<20} {'NFE':>3} {'RMSE':>10} {'med RMSE':>10} {'FD':>10}")
     for schedule, grid in grids.items():
         for budget in args.nfe:
-            for label, (solver, options) in SOLVERS.items():
+            for label, (solver, options) in solvers.items():
                 x = solve(solver, denoiser, x_T, grid(budget), **options)
                 rmse, med = errors(x)
                 fd = frechet_distance(*gaussian_fit(x), mu_data, cov_data)
