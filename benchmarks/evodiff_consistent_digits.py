@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from evodiff_pl import sampling
-from evodiff_pl.generate import generate
+from evodiff_pl.sampling.generate import generate
 
 ETAS = {"per-sample (None)": None, "eta=0": 0.0, "eta=1/6": 1 / 6, "eta=1/2": 0.5, "eta=1 (dpmpp_2m)": 1.0}
 
