@@ -3,16 +3,17 @@
 Same answer on 1 or N processes: every rank draws the sigmas and noise (and, with `augment`, the augmentation
 parameters) of the whole global batch from generators seeded by (run seed, batch index) and keeps the slice
 `[rank::world_size]`, which matches the samples the rank holds (`evodiff_pl.data.stream.InfiniteSampler` deals global
-position k*W + r of a batch to rank r). As in EDM, the gradient is that of the per-sample loss summed over the
-sample's elements, averaged over the global batch (each rank's mean, averaged by DDP); the logged losses
-(`train/loss_per_elem`, `val/loss_ema_per_elem`) are the per-element means, as EDM's logged `Loss/loss`.
+position k*W + r of a batch to rank r). Dropout draws from the global generators seeded by (seed, batch index, rank)
+for the step's forward and backward only (`seeded_global_rng`): nothing else (evaluation, caches, resumes) shifts
+it, but its masks depend on the rank (with dropout, 1 and N processes differ). As in EDM, the gradient is that of
+the per-sample loss summed over its elements, averaged over the global batch (rank means averaged by DDP); the logged
+losses (`train/loss_per_elem`, `val/loss_ema_per_elem`) are per-element means, as EDM's logged `Loss/loss`.
 Learning rate, EMA and tracker run on images seen (`evodiff_pl.training.clock`, every consumed batch counted).
 
-The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of
-the network that samples: the EMA copy in eval mode, without grad, on the un-augmented first
-`entropic.eval_fraction` of each global batch (global positions, so any number of processes gives the same
-samples), reusing the step's noise at noise levels spread evenly in ln σ (`tracker_sigmas`). `train_loss`
-records the raw network's training loss instead.
+The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of the
+network that samples: the EMA copy in eval mode, without grad, on the un-augmented first `entropic.eval_fraction` of
+each global batch (global positions, so any number of processes gives the same samples), reusing the step's noise at
+noise levels spread evenly in ln σ (`tracker_sigmas`). `train_loss` records the raw network's training loss instead.
 
 Manual optimization: a step whose loss (any rank) or all-reduced gradient is not finite is skipped on
 every rank alike (no optimizer, EMA or tracker update) and reported with the step and the batch's
@@ -56,10 +57,10 @@ from evodiff_pl.training.nonfinite import skipped_since_logging, skipped_step, t
 from evodiff_pl.training.phema import PowerEMA
 from evodiff_pl.training.state import restore_training_state, training_state
 from evodiff_pl.utils.dist import world
-from evodiff_pl.utils.seeding import derive_seed
+from evodiff_pl.utils.seeding import derive_seed, seeded_global_rng
 
-AUGMENT_STREAM = 1
-"""The augmentation parameters of batch i come from derive_seed(seed, i, AUGMENT_STREAM) (σ and noise: (seed, i))."""
+AUGMENT_STREAM, DROPOUT_STREAM = 1, 2
+"""Seeds of batch i: augmentation (seed, i, AUGMENT_STREAM), rank r's dropout (seed, i, DROPOUT_STREAM, r)."""
 
 
 class EDMModule(L.LightningModule):
@@ -214,12 +215,12 @@ class EDMModule(L.LightningModule):
         batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
         sigma, noise = batch_sigmas[rank::world_size], batch_noise[rank::world_size]
         tracked = self._ema_eval_loss(clean, labels, noise) if self.tracker_source == "ema_eval" else None
-        out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise,
-                           augment_labels=augment_labels)
-        per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
-        # EDM's loss scale (training_loop.py: loss.sum() / batch): the gradient is that of the sum over a sample's
-        # elements, averaged over the global batch (DDP averages the per-rank means of equal batches).
-        self.manual_backward(per_sample.mean() * self.elements_per_sample)
+        with seeded_global_rng(derive_seed(self.seed, self.batches_seen, DROPOUT_STREAM, rank), self.device):
+            out = self.loss_fn(self.net, x0, labels if self.num_classes else None, sigma=sigma, noise=noise,
+                               augment_labels=augment_labels)
+            per_sample = out.loss * math.nan if self.batches_seen in self.nan_loss_steps else out.loss
+            # EDM's loss scale (training_loop.py: loss.sum() / batch): per-sample sums, averaged over the global batch
+            self.manual_backward(per_sample.mean() * self.elements_per_sample)
         stats = self._reduce_step(per_sample)
         lr = self.learning_rate()
         if self.sync_free:

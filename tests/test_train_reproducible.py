@@ -1,0 +1,28 @@
+"""Training is a function of what it computes: with dropout on, the weights do not depend on the evaluation
+settings, on a warm or cold reference-statistics cache, or on interruptions and resumes (1 or 2 processes)."""
+
+from __future__ import annotations
+
+import pytest
+from train_utils import GMM, assert_equal, load, tiny_gmm, train_in_process
+
+EVAL = ("model.net.dropout=0.1", "evaluation.enabled=true", "evaluation.specs=[dpmpp_2m/logsnr/4]",
+        "evaluation.num_samples=64", "evaluation.num_real=256", "evaluation.grid_size=0", "evaluation.batch_size=32")
+"""6 steps of 64 samples with dropout and a pixel Fréchet distance of 64 samples at every validation."""
+
+
+def _weights(run_dir):
+    ckpt = load(run_dir / "checkpoints" / "last.ckpt")
+    return ckpt["state_dict"], ckpt["optimizer_states"], ckpt["evodiff"]["tracker"], ckpt["evodiff"]["schedule"]
+
+
+def test_weights_do_not_depend_on_evaluation_or_the_statistics_cache(tmp_path):
+    stats = f"evaluation.stats_dir={tmp_path / 'stats'}"
+    cold = tmp_path / "cold"
+    train_in_process(GMM, tiny_gmm(cold, *EVAL, stats, "trainer.val_every_steps=2"))
+    warm = tmp_path / "warm"
+    train_in_process(GMM, tiny_gmm(warm, *EVAL, stats, "trainer.val_every_steps=2"))
+    rare = tmp_path / "rare"
+    train_in_process(GMM, tiny_gmm(rare, *EVAL, stats, "trainer.val_every_steps=1000"))
+    assert_equal(_weights(cold), _weights(warm), "cold vs warm cache")
+    assert_equal(_weights(warm), _weights(rare), "val every 2 vs 1000 steps")
