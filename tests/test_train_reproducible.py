@@ -3,8 +3,11 @@ settings, on a warm or cold reference-statistics cache, or on interruptions and 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
-from train_utils import GMM, assert_equal, load, tiny_gmm, train_in_process
+from train_utils import (DDP, EVERY_STEP, GMM, assert_equal, assert_same_run, load, tiny_gmm, train_in_process,
+                         train_subprocess)
 
 EVAL = ("model.net.dropout=0.1", "evaluation.enabled=true", "evaluation.specs=[dpmpp_2m/logsnr/4]",
         "evaluation.num_samples=64", "evaluation.num_real=256", "evaluation.grid_size=0", "evaluation.batch_size=32")
@@ -26,3 +29,19 @@ def test_weights_do_not_depend_on_evaluation_or_the_statistics_cache(tmp_path):
     train_in_process(GMM, tiny_gmm(rare, *EVAL, stats, "trainer.val_every_steps=1000"))
     assert_equal(_weights(cold), _weights(warm), "cold vs warm cache")
     assert_equal(_weights(warm), _weights(rare), "val every 2 vs 1000 steps")
+
+
+@pytest.mark.ddp
+def test_two_ranks_interrupted_and_resumed_equal_the_uninterrupted_run(tmp_path):
+    """2 gloo ranks with dropout, 6 steps checkpointed after each; a run killed after step 3 (its last.ckpt: that
+    run's step-3 archive) resumed with one checkpoint at the end: every piece of state the same, both ranks' RNG too."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    proc = train_subprocess(GMM, tiny_gmm(whole, "model.net.dropout=0.1", *DDP, *EVERY_STEP))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (split / "checkpoints").mkdir(parents=True)
+    shutil.copy(whole / "checkpoints" / "step-3.ckpt", split / "checkpoints" / "last.ckpt")
+    proc = train_subprocess(GMM, tiny_gmm(split, "model.net.dropout=0.1", *DDP))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load(whole / "checkpoints" / "last.ckpt"), load(split / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 6 and len(a["evodiff"]["rng"]) == 2
+    assert_same_run(a, b)

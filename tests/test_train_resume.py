@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from train_utils import GMM, assert_equal, load, tiny_gmm, train_in_process
+from train_utils import EVERY_STEP, GMM, assert_equal, assert_same_run, load, tiny_gmm, train_in_process
 
 from evodiff_pl.io.checkpointing import CheckpointError, export_weights, newest_checkpoint
 from evodiff_pl.io.denoiser import load_denoiser
@@ -14,12 +14,6 @@ from evodiff_pl.schedules.entropic import EntropicSchedule
 
 RESUME = ("model.net.dropout=0.1",)
 """Dropout on, so the dropout stream matters; 6 steps of 64 samples, the schedule rebuilt every 2 steps."""
-EVERY_STEP = ("checkpoint.every_steps=1", "checkpoint.keep_every_steps=3")
-"""last.ckpt after every step and the archive step-3.ckpt: the state a run killed after step 3 leaves."""
-RUN_KEYS = ("config", "digest")
-"""Entries that differ between the runs compared: the config (run.dir, checkpoint.*) and the digest of the file."""
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """An uninterrupted 6-step run (one checkpoint, at the end), the same run checkpointed after every step, and a
@@ -34,19 +28,6 @@ def runs(tmp_path_factory):
     first_half = load(split / "checkpoints" / "last.ckpt")
     resumed = train_in_process(GMM, tiny_gmm(split, *RESUME))
     return full, split, first_half, resumed, every
-
-
-def assert_same_run(a: dict, b: dict) -> None:
-    """Every piece of two checkpoints' state is equal bit for bit: weights, EMA, Adam, Lightning's loop counters, the
-    tracker (every tensor), the schedule, every rank's RNG, the counters; all but the `RUN_KEYS` of the config."""
-    assert a.keys() == b.keys()
-    for key in a:
-        if key != "evodiff":
-            assert_equal(a[key], b[key], key)
-    ea, eb = a["evodiff"], b["evodiff"]
-    assert ea.keys() == eb.keys()
-    for key in ea.keys() - set(RUN_KEYS):
-        assert_equal(ea[key], eb[key], f"evodiff.{key}")
 
 
 def test_resume_is_exact(runs):
