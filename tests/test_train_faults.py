@@ -21,7 +21,7 @@ from train_utils import DIGITS, GMM, PYTHON, ROOT, load, tiny_gmm, train_in_proc
 
 from evodiff_pl.io.checkpointing import CheckpointError, read_checkpoint, write_checkpoint
 from evodiff_pl.utils.fileio import atomic_write_text
-from evodiff_pl.training.resume import RunLock, RunLockedError
+from evodiff_pl.training.lock import RunLock, RunLockedError
 from evodiff_pl.training.run import main
 
 LONG = ("train.total_images=192000", "checkpoint.every_steps=100", "model.net.dropout=0.1")

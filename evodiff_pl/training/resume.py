@@ -2,7 +2,6 @@
 
 - `resume_checkpoint` picks the newest complete checkpoint of a run (or the one given), refuses one whose
   settings differ in a way that changes what the run computes, and records the changes that are allowed.
-- `RunLock` gives one `train.py` at a time a run directory.
 - `PeriodicCheckpoint` writes `last.ckpt` and keeps `step-N.ckpt` archives (never overwritten);
   `AtomicCheckpointIO` makes Lightning write atomically, stamped with a digest (`evodiff_pl.io.checkpointing`).
 - `Preemption` turns SIGUSR1 (SLURM's warning before pre-emption or the time limit) and SIGTERM (scancel, the
@@ -11,13 +10,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -50,10 +46,6 @@ from which it applies. Every other entry (model, data, loss, run.seed, optim.bet
 tracker) must match."""
 ARCHIVE_PATTERN = re.compile(r"step-(\d+)\.ckpt")
 _UNSET = "<unset>"
-
-
-class RunLockedError(RuntimeError):
-    """Another train.py holds the run directory."""
 
 
 class Preempted(Exception):
@@ -171,67 +163,6 @@ def mark_completed(path: str | Path) -> None:
     if not ckpt[CHECKPOINT_KEY].get("completed"):
         ckpt[CHECKPOINT_KEY]["completed"] = True
         write_checkpoint(path, ckpt)
-
-
-class RunLock:
-    """One train.py per run directory: `<run.dir>/train.lock` holds the owner's host, pid and SLURM job id.
-
-    A lock is stale (and taken over) when its process is gone on this host, or when it belongs to this same SLURM
-    job (a requeued job restarts under its own id, possibly on another node). Taken by global rank 0 only.
-    """
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / "train.lock"
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.held = False
-
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _stale(self, holder: dict[str, Any]) -> bool:
-        if holder.get("slurm_job") and holder["slurm_job"] == self.owner["slurm_job"]:
-            return True
-        if holder.get("host") != self.owner["host"]:
-            return False
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, TypeError, KeyError):
-            return False
-        return False
-
-    def acquire(self) -> None:
-        """Take the lock, replacing a stale one; RunLockedError naming the holder otherwise."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and not self._stale(holder):
-                    raise RunLockedError(
-                        f"run.dir {self.path.parent} is in use by another train.py (host {holder.get('host')}, pid "
-                        f"{holder.get('pid')}, started {holder.get('started')}); wait for it, or use another run.dir. "
-                        f"If that process is gone (another node crashed), delete {self.path}"
-                    ) from None
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
-            self.held = True
-            return
-        raise RunLockedError(f"could not take the lock {self.path}: another process keeps replacing it")
-
-    def release(self) -> None:
-        """Remove the lock if this process holds it."""
-        if self.held and (self._holder() or {}).get("pid") == self.owner["pid"]:
-            self.path.unlink(missing_ok=True)
-        self.held = False
 
 
 class PeriodicCheckpoint(L.Callback):

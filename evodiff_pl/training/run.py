@@ -44,9 +44,9 @@ from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.networks.precond import has_logvar_head
 from evodiff_pl.training.losses import LOSSES
 from evodiff_pl.networks.precond import build_precond
+from evodiff_pl.training.lock import RunLock, RunLockedError
 from evodiff_pl.training.resume import (
-    STOP, AtomicCheckpointIO, PeriodicCheckpoint, Preempted, Preemption, ResumePoint, RunLock, RunLockedError,
-    mark_completed, resume_checkpoint,
+    STOP, AtomicCheckpointIO, PeriodicCheckpoint, Preempted, Preemption, ResumePoint, mark_completed, resume_checkpoint,
 )
 
 T = TypeVar("T")
