@@ -17,7 +17,7 @@ import pytest
 from evodiff_pl.training import lock as lock_module
 from evodiff_pl.training.lock import RunLock, RunLockedError, boot_id, start_time
 
-CONTENDERS, ROUNDS = 16, 4
+CONTENDERS, ROUNDS = 16, 12
 
 
 def _no_flock(fd: int, op: int) -> None:
