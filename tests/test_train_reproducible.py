@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from train_utils import (DDP, EVERY_STEP, GMM, assert_equal, assert_same_run, load, tiny_gmm, train_in_process,
+from train_utils import (DDP, DIGITS, EVERY_STEP, GMM, assert_equal, assert_same_run, load, tiny_gmm, train_in_process,
                          train_subprocess)
 
 EVAL = ("model.net.dropout=0.1", "evaluation.enabled=true", "evaluation.specs=[dpmpp_2m/logsnr/4]",
@@ -45,3 +45,14 @@ def test_two_ranks_interrupted_and_resumed_equal_the_uninterrupted_run(tmp_path)
     a, b = load(whole / "checkpoints" / "last.ckpt"), load(split / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 6 and len(a["evodiff"]["rng"]) == 2
     assert_same_run(a, b)
+
+
+def test_digits_unet_weights_do_not_depend_on_evaluation_or_the_statistics_cache(tmp_path):
+    """The digits SongUNet with dropout, 4 steps of 16 digits: cold cache and a validation after every step vs a
+    warm cache and the final validation only."""
+    tiny = ["model.net.model_channels=8", "model.net.channel_mult=[1]", "data.batch_size=16", "train.total_images=64",
+            "logger.kind=none", "trainer.progress_bar=false", "entropic.update_every_steps=2",
+            f"evaluation.stats_dir={tmp_path / 'stats'}", *EVAL]
+    train_in_process(DIGITS, [f"run.dir={tmp_path / 'cold'}", *tiny, "trainer.val_every_steps=1"])
+    train_in_process(DIGITS, [f"run.dir={tmp_path / 'warm'}", *tiny, "trainer.val_every_steps=1000"])
+    assert_equal(_weights(tmp_path / "cold"), _weights(tmp_path / "warm"))
