@@ -116,16 +116,18 @@ class RunLock:
             tmp.unlink(missing_ok=True)
 
     def _acquire_flock(self) -> None:
+        """flock the lock file, check the path still names it, write the record."""
         for _ in range(100):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                if self._holder() is None:  # locked a moment ago, its record not written yet
+                holder = self._holder()
+                if holder is None:  # locked a moment ago, its record not written yet
                     time.sleep(0.01)
                     continue
-                raise self._refuse(self._holder()) from None
+                raise self._refuse(holder) from None
             if not self._names(fd):  # a holder deleted it before unlocking: lock the new file
                 os.close(fd)
                 continue
