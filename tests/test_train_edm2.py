@@ -83,7 +83,7 @@ def test_resume_with_power_ema_is_exact(runs):
 def test_resume_of_the_edm2_unet_is_exact(tmp_path):
     """The full EDM2 U-Net, whose every weight is overwritten by its normalised value in each training-mode
     forward (dropout on): a run killed after step 3 (the every-step run's step-3 archive and its snapshots so far)
-    resumed gives the 6 uninterrupted steps' weights, EMA profiles, snapshots, Adam, tracker and schedule bit for bit."""
+    resumed gives the 6 uninterrupted steps' weights, EMA profiles, snapshots, Adam, tracker and schedule exactly."""
     full, split = tmp_path / "full", tmp_path / "split"
     train_in_process(DIGITS_EDM2, tiny_digits_edm2(full, "model.net.dropout=0.1", *EVERY_STEP))
     (split / "checkpoints").mkdir(parents=True)
