@@ -48,6 +48,7 @@ def test_weights_do_not_depend_on_evaluation_or_the_statistics_cache(tmp_path):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_two_ranks_interrupted_and_resumed_equal_the_uninterrupted_run(tmp_path):
     """2 gloo ranks with dropout, 6 steps checkpointed after each; a run killed after step 3 (its last.ckpt: that
     run's step-3 archive) resumed with one checkpoint at the end: every piece of state the same, both ranks' RNG too."""
