@@ -18,6 +18,7 @@ from evodiff_pl.config.schema import ConfigError, OptimConfig, load_config
 from evodiff_pl.training.module import EDMModule
 from evodiff_pl.io.nvlabs import load_nvlabs_pickle
 from evodiff_pl.training.losses import EDMLoss
+from evodiff_pl.training.streams import batch_augment
 from evodiff_pl.training.run import network_kwargs
 
 DATA = Path(__file__).parent / "data"
@@ -85,13 +86,12 @@ def test_rank_slices_transform_as_the_whole_batch() -> None:
             assert torch.equal(labels, whole_labels[rank::world])
 
 
-def test_module_draws_depend_on_seed_and_batch_only() -> None:
-    net = load_nvlabs_pickle(DATA / "nvlabs" / "ddpmpp_edm_cond.pkl").denoiser
-    module = EDMModule(net, EDMLoss(), sample_shape=(3, 8, 8), num_classes=4, global_batch=4, seed=5, augment=0.5)
-    assert torch.equal(module.draw_augment(7), module.draw_augment(7))
-    assert not torch.equal(module.draw_augment(7), module.draw_augment(8))
-    assert torch.equal(augment_labels(module.draw_augment(7)), augment(torch.zeros(4, 3, 8, 8),
-                                                                       module.draw_augment(7))[1])
+def test_augmentation_draws_depend_on_seed_and_batch_only() -> None:
+    assert torch.equal(batch_augment(5, 7, 4, 0.5), batch_augment(5, 7, 4, 0.5))
+    assert not torch.equal(batch_augment(5, 7, 4, 0.5), batch_augment(5, 8, 4, 0.5))
+    assert not torch.equal(batch_augment(5, 7, 4, 0.5), batch_augment(6, 7, 4, 0.5))
+    assert torch.equal(augment_labels(batch_augment(5, 7, 4, 0.5)), augment(torch.zeros(4, 3, 8, 8),
+                                                                            batch_augment(5, 7, 4, 0.5))[1])
 
 
 def test_training_step_matches_edm(tmp_path: Path) -> None:
@@ -105,8 +105,8 @@ def test_training_step_matches_edm(tmp_path: Path) -> None:
     module.images_seen, module.batches_seen = 2000, 500  # as resumed there: lr = 1e-3 · 2000 / 10000
     sigma, noise = module.draw_noise(500, torch.float32)
     assert torch.equal(sigma, torch.from_numpy(ref["sigma"])) and torch.equal(noise, torch.from_numpy(ref["noise"]))
-    assert torch.equal(module.draw_augment(500), torch.from_numpy(ref["augment_params"]))
-    out, labels = augment(torch.from_numpy(ref["images"]), module.draw_augment(500))
+    assert torch.equal(batch_augment(0, 500, 4, 0.5), torch.from_numpy(ref["augment_params"]))
+    out, labels = augment(torch.from_numpy(ref["images"]), batch_augment(0, 500, 4, 0.5))
     assert _rel(out, ref["augmented"]) < 1e-5 and _rel(labels, ref["augment_labels"]) < 1e-6
 
     batch = TensorDataset(torch.from_numpy(ref["images"]), torch.from_numpy(ref["labels"]))

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import DIGITS_EDM2, GMM, load, tiny_digits_edm2, tiny_gmm, train_subprocess
+from train_utils import DDP, DIGITS_EDM2, GMM, load, tiny_digits_edm2, tiny_gmm, train_subprocess
 
 pytestmark = pytest.mark.ddp
-
-DDP = ("trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

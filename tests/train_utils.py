@@ -14,6 +14,12 @@ PYTHON = sys.executable
 GMM = ROOT / "configs" / "gmm.yaml"
 DIGITS = ROOT / "configs" / "digits.yaml"
 DIGITS_EDM2 = ROOT / "configs" / "digits_edm2.yaml"
+DDP = ("trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu")
+EVERY_STEP = ("checkpoint.every_steps=1", "checkpoint.keep_every_steps=3")
+"""last.ckpt after every step and the archive step-3.ckpt: the state a run killed after step 3 leaves."""
+RUN_KEYS = ("config", "digest")
+"""Checkpoint entries that differ between two runs of one computation: the config (run.dir, checkpoint.*) and the
+file's digest."""
 
 
 def tiny_gmm(run_dir: Path, *overrides: str) -> list[str]:
@@ -73,3 +79,16 @@ def assert_equal(a, b, where: str = "") -> None:
             assert_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    """Every piece of two checkpoints' state is equal bit for bit: weights, EMA, Adam, Lightning's loop counters, the
+    tracker (every tensor), the schedule, every rank's RNG, the counters; all but the `RUN_KEYS`."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if key != "evodiff":
+            assert_equal(a[key], b[key], key)
+    ea, eb = a["evodiff"], b["evodiff"]
+    assert ea.keys() == eb.keys()
+    for key in ea.keys() - set(RUN_KEYS):
+        assert_equal(ea[key], eb[key], f"evodiff.{key}")

@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from evodiff_pl.utils.dist import all_reduce, world
+from evodiff_pl.utils.dist import all_gather, all_reduce, world
 
 _TRACKER_FORMAT = "evodiff-pl/sigma-binned-loss"
-_VERSION = 1
+_VERSION = 2
+"""Version 2 keeps every rank's pending sums (rows of `pending_sum`, `pending_count`); version 1 had one row."""
 
 
 class SigmaBinnedLoss:
@@ -28,8 +29,10 @@ class SigmaBinnedLoss:
     group (when one is initialised) and folds them into the statistics, so every rank holds the same numbers.
     With `ema_decay = d` both sums and counts decay by d per `update` call (= per training step), pending
     included: the statistics are the same whether a global batch is fed to one process or split over ranks.
-    Readers (`sums`, `counts`, `mean_q`, `populated`) return the last synced statistics; without a process group they
-    fold the pending data first. Call `sync()` on every rank, e.g. every N steps and before `state_dict()`.
+    Readers (`steps`, `sums`, `counts`, `mean_q`, `populated`) return the last synced statistics; without a process
+    group they include the pending data, computed as `sync()` would fold it but without folding it. Only `sync()`
+    folds, so the float64 sums depend on its call points alone: `state_dict()` keeps every rank's pending sums apart,
+    and a checkpoint written at any step resumes to the same bits. Call `sync()` on every rank, e.g. every N steps.
     """
 
     def __init__(
@@ -60,8 +63,8 @@ class SigmaBinnedLoss:
 
     @property
     def steps(self) -> int:
-        """Number of `update` calls folded into the statistics (per rank; equal on every rank)."""
-        return self._steps
+        """Number of `update` calls in the statistics the readers return (per rank; equal on every rank)."""
+        return self._steps + (self._pending_steps if world()[1] == 1 else 0)
 
     @property
     def pending_steps(self) -> int:
@@ -102,30 +105,35 @@ class SigmaBinnedLoss:
         self._pending_count.index_add_(0, idx, valid.to(torch.float64))
         self._pending_steps += 1
 
+    def _check_steps(self) -> None:
+        """RuntimeError unless every rank made as many `update` calls since the last sync (call on every rank)."""
+        steps = self._pending_steps
+        bounds = all_reduce(torch.tensor([steps, -steps], dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+        if bounds[0] != -bounds[1]:
+            raise RuntimeError(f"SigmaBinnedLoss.update was called {-bounds[1]:.0f} to {bounds[0]:.0f} times "
+                               "per rank since the last sync; every rank must update once per step")
+
+    def _folded(self, pending_sum: Tensor, pending_count: Tensor) -> tuple[Tensor, Tensor]:
+        """The statistics with all ranks' pending sums (`pending_*`) folded in, as new tensors."""
+        decay = 1.0 if self.ema_decay is None else self.ema_decay**self._pending_steps
+        return self._sum * decay + pending_sum, self._count * decay + pending_count
+
     @torch.no_grad()
     def sync(self) -> None:
         """All-reduce (SUM) the pending statistics over ranks and fold them in; call on every rank."""
-        steps = self._pending_steps
         pending = torch.cat([self._pending_sum, self._pending_count])
         if world()[1] > 1:
-            bounds = all_reduce(torch.tensor([steps, -steps], dtype=torch.float64), dist.ReduceOp.MAX).tolist()
-            if bounds[0] != -bounds[1]:
-                raise RuntimeError(f"SigmaBinnedLoss.update was called {-bounds[1]:.0f} to {bounds[0]:.0f} times "
-                                   "per rank since the last sync; every rank must update once per step")
+            self._check_steps()
             pending = all_reduce(pending, dist.ReduceOp.SUM)
-        if self.ema_decay is not None:
-            self._sum.mul_(self.ema_decay**steps)
-            self._count.mul_(self.ema_decay**steps)
-        self._sum.add_(pending[: self.n_bins])
-        self._count.add_(pending[self.n_bins :])
-        self._steps += steps
+        self._sum, self._count = self._folded(pending[: self.n_bins], pending[self.n_bins :])
+        self._steps += self._pending_steps
         self._pending_sum.zero_()
         self._pending_count.zero_()
         self._pending_steps = 0
 
     def _synced(self) -> tuple[Tensor, Tensor]:
         if world()[1] == 1 and self._pending_steps:
-            self.sync()
+            return tuple(t.cpu() for t in self._folded(self._pending_sum, self._pending_count))
         return self._sum.cpu(), self._count.cpu()
 
     def bin_centers(self) -> Tensor:
@@ -160,29 +168,43 @@ class SigmaBinnedLoss:
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "n_bins": self.n_bins,
                 "ema_decay": self.ema_decay, "sigma_data": self.sigma_data}
 
+    def _gather_pending(self) -> Tensor:
+        """Every rank's pending (sum, count), (world, 2, n_bins) on the CPU, unfolded (call on every rank)."""
+        pending = torch.stack([self._pending_sum, self._pending_count])
+        if world()[1] == 1:
+            return pending.cpu().unsqueeze(0)
+        self._check_steps()
+        return all_gather(pending).cpu()
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain tensors (CPU) and config; with several ranks, `sync()` must have been called on every rank."""
-        if world()[1] > 1 and self._pending_steps:
-            raise RuntimeError("SigmaBinnedLoss has unsynced statistics: call sync() on every rank before state_dict()")
-        names = ("sum", "count", "pending_sum", "pending_count")
-        tensors = {k: b.cpu().clone() for k, b in zip(names, self._buffers())}
-        return {"format": _TRACKER_FORMAT, "version": _VERSION, **self._config(), **tensors,
+        """Plain tensors (CPU) and config, without folding: the synced `sum` and `count` and every rank's pending
+        sums as rows of `pending_sum` and `pending_count` (world, n_bins). With several ranks, call on every rank."""
+        pending = self._gather_pending()
+        return {"format": _TRACKER_FORMAT, "version": _VERSION, **self._config(), "sum": self._sum.cpu().clone(),
+                "count": self._count.cpu().clone(), "pending_sum": pending[:, 0], "pending_count": pending[:, 1],
                 "steps": self._steps, "pending_steps": self._pending_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()` output exactly; the binning config must match this tracker's."""
+        """Restore `state_dict()` output exactly, each rank its own pending row when the number of processes is the
+        same; otherwise rank 0 takes the sum of the rows. The binning config must match this tracker's."""
         if not isinstance(state, dict) or state.get("format") != _TRACKER_FORMAT:
             raise ValueError("not a SigmaBinnedLoss state dict (missing format tag)")
-        if state.get("version") != _VERSION:
+        if state.get("version") not in (1, _VERSION):
             raise ValueError(f"unsupported SigmaBinnedLoss state version {state.get('version')!r}")
         saved = {k: state.get(k) for k in self._config()}
         if saved != self._config():
             raise ValueError(f"SigmaBinnedLoss config mismatch: checkpoint {saved}, tracker {self._config()}")
         dev = self._sum.device
-        self._sum, self._count, self._pending_sum, self._pending_count = (
-            torch.as_tensor(state[k], dtype=torch.float64).to(dev).clone()
-            for k in ("sum", "count", "pending_sum", "pending_count")
-        )
-        if any(b.shape != (self.n_bins,) for b in self._buffers()):
+        names = ("sum", "count", "pending_sum", "pending_count")
+        tensors = [torch.as_tensor(state[k], dtype=torch.float64) for k in names]
+        if any(t.shape[-1:] != (self.n_bins,) for t in tensors) or tensors[0].ndim != 1 or tensors[1].ndim != 1:
             raise ValueError(f"SigmaBinnedLoss state tensors must have shape ({self.n_bins},)")
+        rank, world_size = world()
+        rows = [t.reshape(-1, self.n_bins) for t in tensors[2:]]
+        if rows[0].shape[0] == world_size:
+            pending = [r[rank] for r in rows]
+        else:
+            pending = [r.sum(0) if rank == 0 else torch.zeros_like(r[0]) for r in rows]
+        self._sum, self._count, self._pending_sum, self._pending_count = (
+            t.to(dev).clone() for t in (*tensors[:2], *pending))
         self._steps, self._pending_steps = int(state["steps"]), int(state["pending_steps"])

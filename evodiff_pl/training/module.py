@@ -3,30 +3,30 @@
 Same answer on 1 or N processes: every rank draws the sigmas and noise (and, with `augment`, the augmentation
 parameters) of the whole global batch from generators seeded by (run seed, batch index) and keeps the slice
 `[rank::world_size]`, which matches the samples the rank holds (`evodiff_pl.data.stream.InfiniteSampler` deals global
-position k*W + r of a batch to rank r). As in EDM, the gradient is that of the per-sample loss summed over the
-sample's elements, averaged over the global batch (each rank's mean, averaged by DDP; `data.batch_gpu` splits a
-rank's share into rounds, `evodiff_pl.training.accumulate`); the logged losses (`train/loss_per_elem`,
-`val/loss_ema_per_elem`) are the per-element means, as EDM's logged `Loss/loss`.
-Learning rate, EMA and tracker run on images seen (`evodiff_pl.training.clock`, every consumed batch counted).
+position k*W + r of a batch to rank r). Dropout draws from the global generators seeded by (seed, batch index, rank)
+for the step's forward and backward only (`seeded_global_rng`): nothing else (evaluation, caches, resumes) shifts it,
+but its masks depend on the rank and on `data.batch_gpu` (with dropout, 1 and N processes differ). As in EDM, the
+gradient is that of the per-sample loss summed over its elements, averaged over the global batch (rank means averaged
+by DDP; `data.batch_gpu` splits a rank's share into rounds, `evodiff_pl.training.accumulate`); the logged losses
+(`train/loss_per_elem`, `val/loss_ema_per_elem`) are per-element means, as EDM's logged `Loss/loss`. Learning rate,
+EMA and tracker run on images seen (`evodiff_pl.training.clock`, every consumed batch counted).
 
-The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of
-the network that samples: the EMA copy in eval mode, without grad, on the un-augmented first
-`entropic.eval_fraction` of each global batch (global positions, so any number of processes gives the same
-samples), reusing the step's noise at noise levels spread evenly in ln σ (`tracker_sigmas`). `train_loss`
-records the raw network's training loss instead.
+The σ-binned tracker behind the learned schedule records, by default (`entropic.source=ema_eval`), the loss of the
+network that samples: the EMA copy in eval mode, without grad, on the un-augmented first `entropic.eval_fraction` of
+each global batch (global positions, so any number of processes gives the same samples), reusing the step's noise at
+noise levels spread evenly in ln σ (`tracker_sigmas`). `train_loss` records the raw network's training loss instead.
 
-Manual optimization: a step whose loss (any rank) or all-reduced gradient is not finite is skipped on
-every rank alike (no optimizer, EMA or tracker update) and reported with the step and the batch's
-sigmas; more than `max_nonfinite_steps` in a row writes a checkpoint and raises `NonFiniteTrainingError`.
-With 16-mixed precision, gradient overflow is the GradScaler's business (it skips the step and lowers
-the scale); such a step updates neither EMA nor tracker and is not counted as a failure.
+Manual optimization: a step whose loss (any rank) or all-reduced gradient is not finite is skipped on every rank alike
+(no optimizer, EMA or tracker update) and reported with the step and the batch's sigmas; more than
+`max_nonfinite_steps` in a row writes a checkpoint and raises `NonFiniteTrainingError`. With 16-mixed precision,
+gradient overflow is the GradScaler's business (it skips the step and lowers the scale); such a step updates neither
+EMA nor tracker and is not counted as a failure.
 
-The skip decision reads the all-reduced loss and gradient norm on the host, one device synchronisation
-per step. `perf.sync_free_step` decides it on the device instead (fused Adam's `found_inf`, EMA and
-tracker updates masked by the same flag, every rank alike) and reads the numbers only at logging steps,
-where skipped steps are reported and the `max_nonfinite_steps` limit is checked. Metrics are logged as
-CPU tensors at logging steps only, so logging never waits for the device in between.
-"""
+The skip decision reads the all-reduced loss and gradient norm on the host, one device synchronisation per step.
+`perf.sync_free_step` decides it on the device instead (fused Adam's `found_inf`, EMA and tracker updates masked by
+the same flag, every rank alike) and reads the numbers only at logging steps, where skipped steps are reported and the
+`max_nonfinite_steps` limit is checked. Metrics are logged as CPU tensors at logging steps only, so logging never
+waits for the device in between."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from evodiff_pl.config.schema import EMAConfig, EntropicConfig, OptimConfig, PerfConfig, TrainConfig
-from evodiff_pl.data.augment import augment, draw_params
+from evodiff_pl.data.augment import augment
 from evodiff_pl.training.accumulate import backward_in_rounds, map_rounds
 from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, FORMAT, VERSION
 from evodiff_pl.networks.precond import EDMPrecond, has_logvar_head
@@ -56,12 +56,10 @@ from evodiff_pl.training.loggers import cpu_scalars
 from evodiff_pl.training.losses import EDMLoss, LossOutput
 from evodiff_pl.training.nonfinite import skipped_since_logging, skipped_step, too_many
 from evodiff_pl.training.phema import PowerEMA
+from evodiff_pl.training.streams import batch_augment, batch_noise, dropout_seed
 from evodiff_pl.training.state import restore_training_state, training_state
 from evodiff_pl.utils.dist import world
-from evodiff_pl.utils.seeding import derive_seed
-
-AUGMENT_STREAM = 1
-"""The augmentation parameters of batch i come from derive_seed(seed, i, AUGMENT_STREAM) (σ and noise: (seed, i))."""
+from evodiff_pl.utils.seeding import derive_seed, seeded_global_rng
 
 
 class EDMModule(L.LightningModule):
@@ -176,16 +174,8 @@ class EDMModule(L.LightningModule):
         return torch.optim.Adam(self.net.parameters(), **self.adam, fused=True if self.sync_free else None)
 
     def draw_noise(self, batch_index: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(σ, noise) of the whole global batch `batch_index`, identical on every rank; rank r uses [r::world]."""
-        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, batch_index))
-        sigma = self.loss_fn.sample_sigma(self.global_batch, device=self.device, generator=g)
-        noise = torch.randn((self.global_batch, *self.sample_shape), generator=g, device=self.device, dtype=dtype)
-        return sigma, noise
-
-    def draw_augment(self, batch_index: int) -> Tensor:
-        """Augmentation parameters (global batch, 8) of batch `batch_index` on the CPU, identical on every rank."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, batch_index, AUGMENT_STREAM))
-        return draw_params(self.global_batch, self.augment, g)
+        """(σ, noise) of the whole global batch `batch_index` (`evodiff_pl.training.streams`)."""
+        return batch_noise(self.seed, batch_index, self.loss_fn, self.global_batch, self.sample_shape, dtype, self.device)
 
     def _all_reduce_sum(self, t: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum")
@@ -211,15 +201,16 @@ class EDMModule(L.LightningModule):
                              f"batch {self.global_batch}: train with the datamodule built by evodiff_pl.training.run")
         clean, augment_labels = x0, None  # the EMA pass of entropic.source=ema_eval sees the un-augmented images
         if self.augment:
-            params = self.draw_augment(self.batches_seen)
+            params = batch_augment(self.seed, self.batches_seen, self.global_batch, self.augment)
             x0, augment_labels = augment(x0, params[rank::world_size], pad_params=params)
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
         sigma, noise = batch_sigmas[rank::world_size], batch_noise[rank::world_size]
         tracked = self._ema_eval_loss(clean, labels, noise) if self.tracker_source == "ema_eval" else None
-        out = backward_in_rounds(self, x0, labels if self.num_classes else None, sigma, noise, augment_labels,
-                                 poison=self.batches_seen in self.nan_loss_steps)
+        with seeded_global_rng(dropout_seed(self.seed, self.batches_seen, rank), self.device):
+            out = backward_in_rounds(self, x0, labels if self.num_classes else None, sigma, noise, augment_labels,
+                                     poison=self.batches_seen in self.nan_loss_steps)
         stats = self._reduce_step(out.loss)
         lr = self.learning_rate()
         if self.sync_free:

@@ -1,9 +1,8 @@
 """Training-side checkpoints: which one a run resumes from, what may change on resume, and how runs end safely.
 
-- `resume_checkpoint` (`evodiff_pl.training.resume_point`, re-exported) picks the newest complete checkpoint of a
+- `resume_checkpoint` (`evodiff_pl.training.resume_point`) picks the newest complete checkpoint of a
   run (or the one given), refuses one whose settings differ in a way that changes what the run computes, and
   records the changes that are allowed.
-- `RunLock` gives one `train.py` at a time a run directory.
 - `PeriodicCheckpoint` writes `last.ckpt` and keeps `step-N.ckpt` archives (never overwritten);
   `AtomicCheckpointIO` makes Lightning write atomically, stamped with a digest (`evodiff_pl.io.checkpointing`).
 - `Preemption` turns SIGUSR1 (SLURM's warning before pre-emption or the time limit) and SIGTERM (scancel, the
@@ -13,11 +12,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +25,6 @@ from evodiff_pl.utils.fileio import atomic_copy
 from evodiff_pl.utils.stop import STOP, Stopped, raise_if_stopped, requeue
 
 
-class RunLockedError(RuntimeError):
-    """Another train.py holds the run directory."""
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO that never leaves a partial file and stamps every checkpoint with its digest."""
 
@@ -40,67 +32,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
         write_checkpoint(path, checkpoint)
-
-
-class RunLock:
-    """One train.py per run directory: `<run.dir>/train.lock` holds the owner's host, pid and SLURM job id.
-
-    A lock is stale (and taken over) when its process is gone on this host, or when it belongs to this same SLURM
-    job (a requeued job restarts under its own id, possibly on another node). Taken by global rank 0 only.
-    """
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / "train.lock"
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.held = False
-
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _stale(self, holder: dict[str, Any]) -> bool:
-        if holder.get("slurm_job") and holder["slurm_job"] == self.owner["slurm_job"]:
-            return True
-        if holder.get("host") != self.owner["host"]:
-            return False
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, TypeError, KeyError):
-            return False
-        return False
-
-    def acquire(self) -> None:
-        """Take the lock, replacing a stale one; RunLockedError naming the holder otherwise."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and not self._stale(holder):
-                    raise RunLockedError(
-                        f"run.dir {self.path.parent} is in use by another train.py (host {holder.get('host')}, pid "
-                        f"{holder.get('pid')}, started {holder.get('started')}); wait for it, or use another run.dir. "
-                        f"If that process is gone (another node crashed), delete {self.path}"
-                    ) from None
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
-            self.held = True
-            return
-        raise RunLockedError(f"could not take the lock {self.path}: another process keeps replacing it")
-
-    def release(self) -> None:
-        """Remove the lock if this process holds it."""
-        if self.held and (self._holder() or {}).get("pid") == self.owner["pid"]:
-            self.path.unlink(missing_ok=True)
-        self.held = False
 
 
 class PeriodicCheckpoint(L.Callback):

@@ -48,8 +48,9 @@ from evodiff_pl.networks import NETWORKS, build_network
 from evodiff_pl.networks.precond import has_logvar_head
 from evodiff_pl.training.losses import LOSSES
 from evodiff_pl.networks.precond import build_precond
+from evodiff_pl.training.lock import RunLock, RunLockedError
 from evodiff_pl.training.resume import (
-    AtomicCheckpointIO, PeriodicCheckpoint, Preemption, RunLock, RunLockedError, keep_stop_handlers,
+    AtomicCheckpointIO, PeriodicCheckpoint, Preemption, keep_stop_handlers,
 )
 from evodiff_pl.training.resume_point import ResumePoint, mark_completed, resume_checkpoint
 from evodiff_pl.utils.stop import STOP, Stopped, raise_if_stopped

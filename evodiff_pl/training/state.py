@@ -29,8 +29,8 @@ def gather_rng_states() -> list[dict[str, Any]]:
 
 
 def training_state(module: Any) -> dict[str, Any]:
-    """The state `module` (an `EDMModule`) adds to a checkpoint (call on every rank; rank 0 writes it)."""
-    module.tracker.sync()
+    """The state `module` (an `EDMModule`) adds to a checkpoint (call on every rank; rank 0 writes it). The tracker
+    is stored unfolded (every rank's pending sums apart), so a checkpoint changes none of the run's numbers."""
     if module.sync_free:
         module.nonfinite_streak = int(module._streak)
     schedule = module.entropic_schedule
