@@ -164,7 +164,7 @@ def test_inception_path_runs_offline_and_matches_torch_fidelity(random_inception
     score.update(_floats_for(fake))
     value = score.compute()
     # independent pipeline: torch-fidelity's own extractor (TF-style resize, no antialias) + frechet_distance
-    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(random_inception_weights))
+    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(random_inception_weights)).eval()
     with torch.no_grad():
         feats = [reference(x.expand(-1, 3, -1, -1))[0].double() for x in (real, fake)]
     ours = score.metric.inception(real)

@@ -12,7 +12,7 @@ import torch
 
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed mixing `keys` (SeedSequence), so that nearby key tuples give unrelated streams."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]) >> 1  # int first: numpy < 2 has no uint64 >> int
 
 
 def rng_state() -> dict[str, Any]:
