@@ -22,7 +22,7 @@ import torch
 
 from evodiff_pl.schedules.entropic import EntropicSchedule
 from evodiff_pl.sampling.generate import initial_noise, steps_for_nfe
-from evodiff_pl.metrics import frechet_distance, gaussian_fit
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit
 from evodiff_pl.schedules import get_sigmas
 from evodiff_pl.solvers import solve
 from evodiff_pl.toy import GaussianMixture

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from evodiff_pl.metrics import frechet_distance, gaussian_fit
+from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit
 from evodiff_pl.schedules import logsnr
 from evodiff_pl.solvers import SOLVERS, STOCHASTIC, Denoiser, nfe, solve
 
