@@ -15,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from evodiff_pl.sampling.generate import EvalSpec, generate, rank_indices
+from evodiff_pl.schedules.tuned import KIND as TUNED, learned_start, tune_grids, tuning_noise
+from evodiff_pl.tuning import OBJECTIVES
 from evodiff_pl.utils.images import save_grid, to_uint8
 from evodiff_pl.evaluation.metrics import FrechetScore, build_extractor
 from evodiff_pl.sampling.plan import with_kind
@@ -55,6 +57,10 @@ class SampleQualityCallback(L.Callback):
         grid_size: int = 64,
         out_dir: str | os.PathLike | None = None,
         progress_every_s: float = 60.0,
+        tune_samples: int = 128,
+        tune_evals: int = 16,
+        tune_objective: str = "fd",
+        tune_reference_steps: int = 40,
     ) -> None:
         """
         Args:
@@ -74,6 +80,11 @@ class SampleQualityCallback(L.Callback):
             grid_size: images in each spec's sample grid; 0 disables the grids.
             out_dir: the grids go to out_dir/grids; default the trainer's default_root_dir.
             progress_every_s: rank 0 reports the evaluation's progress (samples, img/s, ETA) at most this often.
+            tune_samples, tune_evals, tune_objective, tune_reference_steps: specs on the schedule `tuned` have their
+                grid tuned before each evaluation (`evodiff_pl.schedules.tuned.tune_grids`, warm-started from the
+                last one, first from the learned rescaled entropic grid): starting noises of seeds TUNE_SEED + j,
+                j < tune_samples (never scored), at most tune_evals solver runs each, against an iPNDM reference of
+                tune_reference_steps log-SNR steps; the grids are kept in `pl_module.tuned_grids`.
         """
         super().__init__()
         self.specs = [EvalSpec.parse(s) for s in specs]
@@ -101,6 +112,13 @@ class SampleQualityCallback(L.Callback):
         self.grid_size = grid_size
         self.out_dir = out_dir
         self.progress_every_s = progress_every_s
+        if tune_samples < 2 or tune_evals < 1 or tune_reference_steps < 2:
+            raise ValueError(f"need tune_samples >= 2, tune_evals >= 1, tune_reference_steps >= 2; got "
+                             f"{tune_samples}, {tune_evals}, {tune_reference_steps}")
+        self.tune = dict(objective=tune_objective, max_evals=tune_evals, reference_steps=tune_reference_steps)
+        self.tune_samples = tune_samples
+        if tune_objective not in OBJECTIVES:
+            raise ValueError(f"unknown tune_objective {tune_objective!r}; valid: {', '.join(OBJECTIVES)}")
         # Build (and so check) the Inception weights now, not after the first training epoch.
         self._extractor = build_extractor(feature, weights_path=weights_path) if feature != "pixels" else None
         self.score: FrechetScore | None = None
@@ -145,6 +163,7 @@ class SampleQualityCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self._due(pl_module):
             return
+        self._tune(pl_module)
         for spec in self.specs:
             start = time.perf_counter()
             sigmas = self._sigmas(pl_module, spec)
@@ -156,10 +175,32 @@ class SampleQualityCallback(L.Callback):
             if trainer.is_global_zero and self.grid_size and len(pl_module.sample_shape) == 3:
                 self._save_grid(trainer, pl_module, spec, sigmas)
 
+    def _tune(self, pl_module: L.LightningModule) -> None:
+        """Tune the grid of every spec on `tuned` from the current EMA network (every rank; same grids on all)."""
+        wanted = [(s.solver, s.nfe) for s in self.specs if s.schedule == TUNED]
+        learned = pl_module.entropic_schedule
+        if not wanted or learned is None:
+            return
+        start_time = time.perf_counter()
+        x_T, labels = tuning_noise(self.tune_samples, tuple(pl_module.sample_shape), pl_module.sigma_max,
+                                   pl_module.num_classes, pl_module.device)
+        start = learned_start(learned, pl_module.sigma_min, pl_module.sigma_max)
+        pl_module.tuned_grids = tune_grids(
+            wanted, pl_module.ema, x_T, start, labels=labels, previous=getattr(pl_module, "tuned_grids", None),
+            source={"images_seen": int(pl_module.images_seen)}, **self.tune)
+        rank_zero_info(f"tuned grids of {', '.join(f'{s}/{n}' for s, n in wanted)} "
+                       f"({time.perf_counter() - start_time:.1f} s)")
+
     def _sigmas(self, pl_module: L.LightningModule, spec: EvalSpec) -> Tensor | None:
         """The spec's grid, or None (with a message) when its learned schedule is missing or unusable."""
         learned = pl_module.entropic_schedule
-        if from_head(spec.schedule) and getattr(pl_module, "head_schedule", None) is not None:
+        if spec.schedule == TUNED:
+            grids = getattr(pl_module, "tuned_grids", None)
+            if grids is None:
+                rank_zero_info(f"skipping {spec.name}: no tuned grid yet (it needs a learned schedule to start from)")
+                return None
+            learned = grids.for_solver(spec.solver)
+        elif from_head(spec.schedule) and getattr(pl_module, "head_schedule", None) is not None:
             learned = with_kind(pl_module.head_schedule, learned_kind(spec.schedule))
         elif from_head(spec.schedule):
             rank_zero_info(f"skipping {spec.name}: the network has no log-variance head (model.precond=edm2)")

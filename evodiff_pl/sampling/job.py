@@ -35,6 +35,7 @@ from evodiff_pl.sampling.outputs import (
     Result, check_writable, default_outdir, gather_rows, output_formats, table, to_csv, to_markdown, write_npz,
 )
 from evodiff_pl.sampling.plan import Plan, plans
+from evodiff_pl.sampling.tune import tuned_grids
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,7 +163,7 @@ def build(cfg: SampleConfig) -> SamplingJob:
                               "latents, which sample.py does not make")
         return SamplingJob(cfg, loaded, device)
     decoder = build_decoder(cfg, loaded, device)
-    rows = plans(cfg, loaded)
+    rows = plans(cfg, loaded, tuned_grids(cfg, loaded, device))
     shape = tuple(loaded.meta["sample_shape"])
     shape = decoder.image_shape(shape) if decoder is not None else shape
     formats = output_formats(cfg.format, len(shape) == 3, cfg.score != "none")

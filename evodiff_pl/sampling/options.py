@@ -37,7 +37,9 @@ class SampleConfig:
     dpmpp_2m, dpmpp_3m, evodiff, evodiff_consistent, unipc, ipndm, edm_stochastic, dpmpp_2m_sde)."""
     schedule: str = "rescaled_entropic"
     """Schedule, or a comma-separated list: karras, logsnr, entropic, rescaled_entropic (the learned ones use
-    the schedule stored in the checkpoint, or schedule_file)."""
+    the schedule stored in the checkpoint, or schedule_file), tuned (a grid tuned for each solver x NFE: read from
+    <checkpoint stem>_schedule_tuned.json in outdir or beside the checkpoint, else from the checkpoint; the
+    missing ones are tuned now and written there)."""
     nfe: str = "10"
     """Denoiser calls per sample, or a comma-separated list (heun makes 2 per step: even values only)."""
     protocol: str = "default"
@@ -81,6 +83,14 @@ class SampleConfig:
     """Estimation pass: noise levels K on the Karras grid."""
     pairs: int = 1024
     """Estimation pass: (training image, noise) pairs M per level."""
+    tune: bool = False
+    """Re-tune the grids of schedule=tuned (warm-started from the stored ones) instead of reading them."""
+    tune_samples: int = 256
+    """Tuning: starting noises (seeds 2^31 + j, never scored)."""
+    tune_evals: int = 100
+    """Tuning: at most this many solver runs per solver x NFE."""
+    tune_objective: str = "fd"
+    """Tuning objective: fd, rmse or slack (`evodiff_pl.tuning`, docs/method.md §2.7)."""
     progress: bool = True
     """Show progress bars (images/s)."""
 

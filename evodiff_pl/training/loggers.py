@@ -35,6 +35,7 @@ from evodiff_pl.schedules.entropic import EntropicSchedule, edm_loss_weight
 from evodiff_pl.schedules.tracker import SigmaBinnedLoss
 from evodiff_pl.utils.fileio import atomic_write_text
 from evodiff_pl.schedules.grids import karras
+from evodiff_pl.schedules.tuned import learned_start, write_tuned
 
 RUN_ID_FILE = "wandb_run_id"
 STEP_METRIC = "train/kimg"
@@ -265,6 +266,7 @@ class ScheduleArtifacts(L.Callback):
         self.run_dir = Path(run_dir)
         self.plot_nfe = plot_nfe
         self._written = self._plotted = -1
+        self._tuned = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         version = pl_module.schedule_version
@@ -279,6 +281,11 @@ class ScheduleArtifacts(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.plot(trainer, pl_module)
+        tuned, learned = getattr(pl_module, "tuned_grids", None), pl_module.entropic_schedule
+        if tuned is not None and tuned is not self._tuned and trainer.is_global_zero:  # schedule_tuned.json + plot
+            self._tuned = tuned
+            start = learned and learned_start(learned, pl_module.sigma_min, pl_module.sigma_max)
+            write_tuned(tuned, self.run_dir, start)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.plot(trainer, pl_module)
