@@ -58,7 +58,7 @@ class SampleQualityCallback(L.Callback):
         out_dir: str | os.PathLike | None = None,
         progress_every_s: float = 60.0,
         tune_samples: int = 128,
-        tune_evals: int = 16,
+        tune_evals: int = 12,
         tune_objective: str = "fd",
         tune_reference_steps: int = 40,
     ) -> None:
