@@ -1,7 +1,7 @@
 """Cost of tuning a `tuned` spec's grid during validation against one validation evaluation, on a digits model.
 
-One validation evaluation = the default run's specs (configs/digits.yaml evaluation.specs), 1,797 samples each,
-pixel FD, as `SampleQualityCallback.evaluate` does. Tuning = `tune_grids` for the given tuned specs with the
+One validation evaluation = the default run's specs before it tracked a tuned grid (--specs), 1,797 samples
+each, pixel FD, as `SampleQualityCallback.evaluate` does. Tuning = `tune_grids` for the given tuned specs with the
 callback's defaults (`SampleQualityCallback` tune_*: 128 noises, 12 solver runs, 40-step reference), cold and
 warm-started. Reports wall seconds and denoiser sample-calls (samples x NFE; load-independent) of each.
 
@@ -15,7 +15,6 @@ import inspect
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 from evodiff_pl.evaluation.callback import SampleQualityCallback
 from evodiff_pl.evaluation.metrics import FrechetScore
@@ -39,13 +38,15 @@ class Counted:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="benchmarks/results/digits_640k_ema.ckpt")
+    p.add_argument("--specs", nargs="+", default=["evodiff_consistent/rescaled_entropic/10", "dpmpp_2m/logsnr/10",
+                                                  "evodiff/logsnr/10"])
     p.add_argument("--tuned", nargs="+", default=["unipc/tuned/5"])
     args = p.parse_args()
     torch.set_num_threads(1)
     loaded = load_denoiser(args.ckpt)
     meta, D = loaded.meta, Counted(loaded.denoiser)
     shape, lo, hi = tuple(meta["sample_shape"]), meta["sigma_min"], meta["sigma_max"]
-    specs = [EvalSpec.parse(s) for s in OmegaConf.load("configs/digits.yaml").evaluation.specs if "tuned" not in s]
+    specs = [EvalSpec.parse(s) for s in args.specs]
     score = FrechetScore("pixels", num_samples=1797, shape=shape)
     score.prepare_real(checkpoint_data(loaded))
     t0 = time.perf_counter()
