@@ -140,3 +140,13 @@ def test_sample_tune_writes_the_grids_and_schedule_tuned_reads_them(tuned_runs, 
     assert "add tuned to schedule=" in capsys.readouterr().err
     assert main([*common, "tune_objective=lpips", f"outdir={tmp_path / 'c'}"]) == 1
     assert "tune_objective" in capsys.readouterr().err
+
+
+def test_sample_tune_on_a_class_conditional_nvlabs_pickle(tmp_path):
+    """An NVlabs edm pickle has no learned schedule: the grid is tuned from karras (its labels bound) and written."""
+    pkl = Path(__file__).parent / "data" / "nvlabs" / "ddpmpp_edm_cond.pkl"
+    assert main(["progress=false", f"ckpt={pkl}", "solver=dpmpp_2m", "schedule=tuned", "nfe=3", "seeds=0-1",
+                 "format=npz", "device=cpu", f"outdir={tmp_path}", "tune=true", "tune_samples=2", "tune_evals=3"]) == 0
+    grids = TunedGrids.load(tuned_grids_path(pkl, str(tmp_path)))
+    assert grids.get("dpmpp_2m", 3)[[0, -1]].tolist() == [80.0, 0.002]
+    assert (tmp_path / "dpmpp_2m_tuned_nfe3.npz").is_file()
