@@ -94,6 +94,9 @@ class Model:
 
 def sweep(args: argparse.Namespace) -> None:
     done = {(r["model"], r["solver"], int(r["nfe"]), r["grid"]) for r in read_rows(args.rows)}
+    warm = {(r["model"], r["solver"], int(r["nfe"]), r["grid"]): torch.tensor([float(v) for v in r["levels"].split()],
+                                                                              dtype=torch.float64)
+            for r in (read_rows(args.warm_from) if args.warm_from else [])}
     for name in args.models:
         model = Model(name, args)
         todo = [(s, n, g) for n in args.nfe for s in args.solvers
@@ -105,7 +108,8 @@ def sweep(args: argparse.Namespace) -> None:
                 continue
             steps = steps_for_nfe(solver, nfe)
             t0 = time.perf_counter()
-            start = get_sigmas("rescaled_entropic", steps, schedule=model.schedule)
+            start = warm.get((name, solver, nfe, grid)) if grid.startswith("tuned_") else None
+            start = get_sigmas("rescaled_entropic", steps, schedule=model.schedule) if start is None else start
             sigmas = model.tune(solver, nfe, start, grid[len("tuned_"):]) if grid.startswith("tuned_") \
                 else get_sigmas(grid, steps, schedule=model.schedule) if grid == "rescaled_entropic" \
                 else get_sigmas(grid, steps)
@@ -200,6 +204,7 @@ def main() -> None:
     p.add_argument("--rows", default="benchmarks/results/digits_tuned.csv")
     p.add_argument("--out", default="benchmarks/results/digits_tuned.md")
     p.add_argument("--plot", default="docs/digits_tuned.png")
+    p.add_argument("--warm-from", help="rows file whose tuned grids (same model, solver, NFE) start the tuning")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     args.command = "OMP_NUM_THREADS=1 PYTHONPATH=. python " + " ".join(sys.argv)
