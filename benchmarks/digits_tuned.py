@@ -133,7 +133,8 @@ def report(args: argparse.Namespace) -> None:
             f"fd_pixels on seeds 0-{args.samples - 1} against the 1,797 digits (`sample.py score=fd_pixels`); "
             f"the tuner saw {args.tune} starting noises of seeds TUNE_SEED + j (never scored), reference "
             f"iPNDM 200 log-SNR steps, Nelder-Mead with at most {args.max_evals} solver runs, started from the "
-            "learned rescaled entropic grid (the dedicated pass). Bold: best grid of the row. 1 CPU thread.\n"]
+            + (f"tuned grids of {args.warm_from}" if args.warm_from else
+               "learned rescaled entropic grid (the dedicated pass)") + ". Bold: best grid of the row. 1 CPU thread.\n"]
     for m in models:
         ref = by.get((m, "heun", args.ref_nfe, "karras"))
         grids_m = [g for g in grids if any(k[0] == m and k[3] == g and k[1] != "heun" for k in by)]
