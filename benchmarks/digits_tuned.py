@@ -102,7 +102,8 @@ def sweep(args: argparse.Namespace) -> None:
         todo = [(s, n, g) for n in args.nfe for s in args.solvers
                 for g in ["rescaled_entropic"] + [f"tuned_{o}" for o in args.objectives] + args.baselines[1:]]
         if args.ref_nfe:  # after the first NFE's rows
-            todo.insert(len(args.solvers) * (len(args.objectives) + len(args.baselines)), ("heun", args.ref_nfe, "karras"))
+            first = len(args.solvers) * (len(args.objectives) + len(args.baselines))
+            todo.insert(first, ("heun", args.ref_nfe, "karras"))
         for solver, nfe, grid in todo:
             if (name, solver, nfe, grid) in done:
                 continue
