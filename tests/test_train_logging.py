@@ -12,6 +12,7 @@ import pytest
 from train_utils import DIGITS, GMM, tiny_gmm, train_in_process
 
 from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.schedules.tuned import TunedGrids
 from evodiff_pl.training.loggers import RUN_ID_FILE, resolve_wandb_mode
 
 
@@ -130,8 +131,8 @@ def test_wandb_disabled_writes_nothing(no_wandb_login, tmp_path):
 
 
 def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path, caplog):
-    """The default config, shrunk: the evaluation callback scores evodiff and dpmpp_2m at NFE 10 and reports its
-    progress."""
+    """The default config, shrunk: the evaluation callback scores evodiff_consistent at NFE 10 and unipc on its
+    tuned grid at NFE 5 (RUN/schedule_tuned.json and its plot) and reports its progress."""
     overrides = [
         f"run.dir={tmp_path}", "model.net.model_channels=16", "model.net.channel_mult=[1,1]",
         "data.batch_size=64", "train.total_images=384", "logger.kind=csv", "trainer.progress_bar=false",
@@ -143,13 +144,15 @@ def test_digits_run_outputs_scores_grids_plots_and_schedule(tmp_path, caplog):
     assert re.search(r"evodiff_consistent_rescaled_entropic_nfe10: 32/64 samples, \d+ img/s, ETA \d+ s", caplog.text)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     names = {k for row in rows for k, v in row.items() if v}
-    for spec in ("evodiff_consistent_rescaled_entropic_nfe10", "dpmpp_2m_logsnr_nfe10"):
+    for spec in ("evodiff_consistent_rescaled_entropic_nfe10", "unipc_tuned_nfe5"):
         assert f"val/fd_pixels_64/{spec}" in names
         assert list((tmp_path / "grids").glob(f"{spec}_384.png"))
     assert {"train/loss_per_elem", "train/lr", "train/images_seen", "train/img_per_s", "val/loss_ema_per_elem"} <= names
     assert (tmp_path / "plots" / "loss_per_sigma.png").is_file() and (tmp_path / "plots" / "schedule.png").is_file()
     schedule = EntropicSchedule.load(tmp_path / "schedule.json")
     assert schedule.kind == "rescaled_entropic" and schedule.sigmas(10, 0.002, 80.0).shape == (11,)
+    assert TunedGrids.load(tmp_path / "schedule_tuned.json").get("unipc", 5).shape == (6,)
+    assert (tmp_path / "plots" / "schedule_tuned.png").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert "model_channels: 16" in (tmp_path / "config.yaml").read_text()
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))

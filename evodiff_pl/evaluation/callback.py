@@ -16,6 +16,7 @@ from torch import Tensor
 from evodiff_pl.evaluation.settings import EvaluationSettings
 from evodiff_pl.sampling.generate import EvalSpec, generate, rank_indices
 from evodiff_pl.sampling.guidance import Denoiser, guide_of, guided
+from evodiff_pl.schedules.tuned import KIND as TUNED, learned_start, tune_grids, tuning_noise
 from evodiff_pl.utils.images import save_grid, to_uint8
 from evodiff_pl.evaluation.metrics import FrechetScore
 from evodiff_pl.sampling.plan import with_kind
@@ -116,6 +117,7 @@ class SampleQualityCallback(EvaluationSettings, L.Callback):
         """Score and log every spec (and save its grid); `pending` until the last one is done. A `redo` outside
         validation goes to the loggers directly, at the step Lightning logs the evaluation after that step under."""
         self.pending = True
+        self._tune(pl_module)
         for spec in self.specs:
             start = time.perf_counter()
             sigmas = self._sigmas(pl_module, spec)
@@ -133,10 +135,36 @@ class SampleQualityCallback(EvaluationSettings, L.Callback):
                 self._save_grid(trainer, pl_module, spec, sigmas)
         self.pending = False
 
+    def _tune(self, pl_module: L.LightningModule) -> None:
+        """Tune the grid of every spec on `tuned` from the current EMA network (every rank; same grids on all)."""
+        wanted = [(s.solver, s.nfe) for s in self.specs if s.schedule == TUNED]
+        learned = pl_module.entropic_schedule
+        if not wanted or learned is None:
+            return
+        start_time = time.perf_counter()
+        x_T, labels = tuning_noise(self.tune_samples, tuple(pl_module.sample_shape), pl_module.sigma_max,
+                                   pl_module.num_classes, pl_module.device)
+        start = learned_start(learned, pl_module.sigma_min, pl_module.sigma_max)
+        try:
+            pl_module.tuned_grids = tune_grids(
+                wanted, pl_module.ema, x_T, start, labels=labels, previous=getattr(pl_module, "tuned_grids", None),
+                source={"images_seen": int(pl_module.images_seen)}, **self.tune)
+        except ValueError as err:  # same inputs on every rank: all ranks keep their previous grids together
+            rank_zero_warn(f"tuning the grids of the tuned specs failed, keeping the previous ones: {err}")
+            return
+        rank_zero_info(f"tuned grids of {', '.join(f'{s}/{n}' for s, n in wanted)} "
+                       f"({time.perf_counter() - start_time:.1f} s)")
+
     def _sigmas(self, pl_module: L.LightningModule, spec: EvalSpec) -> Tensor | None:
         """The spec's grid, or None (with a message) when its learned schedule is missing or unusable."""
         learned = pl_module.entropic_schedule
-        if from_head(spec.schedule) and getattr(pl_module, "head_schedule", None) is not None:
+        if spec.schedule == TUNED:
+            grids = getattr(pl_module, "tuned_grids", None)
+            if grids is None:
+                rank_zero_info(f"skipping {spec.name}: no tuned grid yet (it needs a learned schedule to start from)")
+                return None
+            learned = grids.for_solver(spec.solver)
+        elif from_head(spec.schedule) and getattr(pl_module, "head_schedule", None) is not None:
             learned = with_kind(pl_module.head_schedule, learned_kind(spec.schedule))
         elif from_head(spec.schedule):
             rank_zero_info(f"skipping {spec.name}: the network has no log-variance head (model.precond=edm2)")

@@ -33,6 +33,10 @@ class EvaluationSettings:
         out_dir: str | os.PathLike | None = None,
         progress_every_s: float = 60.0,
         gnet: str | os.PathLike | None = None,
+        tune_samples: int = 128,
+        tune_evals: int = 12,
+        tune_objective: str = "fd",
+        tune_reference_steps: int = 40,
     ) -> None:
         """
         Args:
@@ -55,6 +59,11 @@ class EvaluationSettings:
             progress_every_s: rank 0 reports the evaluation's progress (samples, img/s, ETA) at most this often.
             gnet: the guiding network of the specs with guidance (a run directory, .ckpt or NVlabs pickle; its EMA
                 weights); None: such specs use classifier-free guidance with the null label.
+            tune_samples, tune_evals, tune_objective, tune_reference_steps: specs on the schedule `tuned` have their
+                grid tuned before each evaluation (`evodiff_pl.schedules.tuned.tune_grids`, warm-started from the
+                last one, first from the learned rescaled entropic grid): starting noises of seeds TUNE_SEED + j,
+                j < tune_samples (never scored), at most tune_evals solver runs each, against an iPNDM reference of
+                tune_reference_steps log-SNR steps; the grids are kept in `pl_module.tuned_grids`.
         """
         super().__init__()
         self.specs = [EvalSpec.parse(s) for s in specs]
@@ -82,6 +91,15 @@ class EvaluationSettings:
         self.grid_size = grid_size
         self.out_dir = out_dir
         self.progress_every_s = progress_every_s
+        from evodiff_pl.tuning import OBJECTIVES
+
+        if tune_samples < 2 or tune_evals < 1 or tune_reference_steps < 2:
+            raise ValueError(f"need tune_samples >= 2, tune_evals >= 1, tune_reference_steps >= 2; got "
+                             f"{tune_samples}, {tune_evals}, {tune_reference_steps}")
+        if tune_objective not in OBJECTIVES:
+            raise ValueError(f"unknown tune_objective {tune_objective!r}; valid: {', '.join(OBJECTIVES)}")
+        self.tune = dict(objective=tune_objective, max_evals=tune_evals, reference_steps=tune_reference_steps)
+        self.tune_samples = tune_samples
         from evodiff_pl.evaluation.metrics import build_extractor  # torchmetrics: only when evaluating
         from evodiff_pl.io.denoiser import load_denoiser
 

@@ -39,6 +39,7 @@ from evodiff_pl.sampling.outputs import (
 )
 from evodiff_pl.sampling.plan import Plan, plans
 from evodiff_pl.sampling.sweep import KEY, Progress, scored_rows, setting_key, weights_key
+from evodiff_pl.sampling.tune import tuned_grids
 
 
 def resolve_device(name: str) -> torch.device:
@@ -196,7 +197,7 @@ def build(cfg: SampleConfig) -> SamplingJob:
         return SamplingJob(cfg, loaded, device)
     decoder = build_decoder(cfg, loaded, device)
     gnet = build_gnet(cfg, loaded, device)
-    rows = plans(cfg, loaded)
+    rows = plans(cfg, loaded, tuned_grids(cfg, loaded, device))
     shape = tuple(loaded.meta["sample_shape"])
     shape = decoder.image_shape(shape) if decoder is not None else shape
     formats = output_formats(cfg.format, len(shape) == 3, cfg.score != "none")

@@ -39,7 +39,9 @@ class SampleConfig:
     schedule: str = "rescaled_entropic"
     """Schedule, or a comma-separated list: karras, logsnr, entropic, rescaled_entropic (the learned ones use
     the schedule stored in the checkpoint, or schedule_file), head_entropic, head_rescaled_entropic (from the
-    log-variance head of an EDM2 network)."""
+    log-variance head of an EDM2 network), tuned (a grid tuned for each solver x NFE: read from
+    <checkpoint stem>_schedule_tuned.json in outdir or beside the checkpoint, else from the checkpoint; the
+    missing ones are tuned now and written there)."""
     nfe: str = "10"
     """Denoiser calls per sample, or a comma-separated list (heun makes 2 per step: even values only)."""
     class_label: Optional[int] = None
@@ -97,6 +99,14 @@ class SampleConfig:
     """Estimation pass: noise levels K on the Karras grid."""
     pairs: int = 1024
     """Estimation pass: (training image, noise) pairs M per level."""
+    tune: bool = False
+    """Re-tune the grids of schedule=tuned (warm-started from the stored ones) instead of reading them."""
+    tune_samples: int = 256
+    """Tuning: starting noises (seeds 2^31 + j, never scored)."""
+    tune_evals: int = 100
+    """Tuning: at most this many solver runs per solver x NFE."""
+    tune_objective: str = "fd"
+    """Tuning objective: fd, rmse or slack (`evodiff_pl.tuning`, docs/method.md §2.7)."""
     progress: bool = True
     """Show progress bars (images/s)."""
 

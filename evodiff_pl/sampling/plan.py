@@ -65,32 +65,35 @@ def head_schedule(loaded: LoadedCheckpoint) -> EntropicSchedule:
 
 def plan(solver: str, schedule: str, nfe: int, learned: EntropicSchedule | None, meta: dict[str, Any],
          protocol: str = "default", head: EntropicSchedule | None = None, guidance: float = 1.0,
-         class_label: int | None = None) -> Plan:
+         class_label: int | None = None, tuned: Any = None) -> Plan:
     """The spec and sigma grid of one setting, or a Plan with the reason it is invalid; `head` is the schedule of
-    the network's log-variance head, used by the head_* schedules."""
+    the network's log-variance head, used by the head_* schedules; `tuned` the TunedGrids of schedule tuned."""
     try:
         spec = EvalSpec(solver, schedule, nfe, protocol, guidance, class_label)
-        source = head if from_head(schedule) else learned
-        sched = with_kind(source, learned_kind(schedule)) if spec.needs_schedule else None
+        if schedule == "tuned":
+            sched = None if tuned is None else tuned.for_solver(solver)
+        else:
+            source = head if from_head(schedule) else learned
+            sched = with_kind(source, learned_kind(schedule)) if spec.needs_schedule else None
         return Plan(solver, schedule, nfe, spec, spec.sigmas(meta["sigma_min"], meta["sigma_max"], sched))
     except ValueError as err:
         return Plan(solver, schedule, nfe, reason=str(err))
 
 
-def plans(cfg: SampleConfig, loaded: LoadedCheckpoint) -> list[Plan]:
-    """Every solver x schedule x nfe; SampleError for an unknown name, a missing learned schedule, or when the
-    only (or every) setting is invalid."""
+def plans(cfg: SampleConfig, loaded: LoadedCheckpoint, tuned: Any = None) -> list[Plan]:
+    """Every solver x schedule x nfe (`tuned`: the TunedGrids of schedule tuned); SampleError for an unknown name,
+    a missing learned schedule, or when the only (or every) setting is invalid."""
     solvers = names("solver", cfg.solver, list(SOLVERS))
     schedules = names("schedule", cfg.schedule, list(SCHEDULES))
     counts = nfes(cfg.nfe)
-    wanted = [s for s in schedules if needs_learned_schedule(s) and not from_head(s)]
+    wanted = [s for s in schedules if needs_learned_schedule(s) and not from_head(s) and s != "tuned"]
     head = head_schedule(loaded) if any(from_head(s) for s in schedules) else None
     learned = learned_schedule(cfg, loaded) if wanted or cfg.schedule_file is not None else None
     if wanted and learned is None:
         raise SampleError(f"schedule={wanted[0]} needs a learned schedule but checkpoint {loaded.path} stores none "
                           "(trained too briefly?): pass schedule_file=... or make one with estimate_schedule=true")
     check_choice("protocol", cfg.protocol, PROTOCOLS)
-    rows = [plan(*combo, learned, loaded.meta, cfg.protocol, head, cfg.guidance, cfg.class_label)
+    rows = [plan(*combo, learned, loaded.meta, cfg.protocol, head, cfg.guidance, cfg.class_label, tuned)
             for combo in itertools.product(solvers, schedules, counts)]
     valid = [p for p in rows if p.spec is not None]
     if len(rows) == 1 and not valid:

@@ -59,6 +59,16 @@ def _learned(name: str) -> Callable[..., Tensor]:
     return grid
 
 
+def tuned(n_steps: int, sigma_min: float, sigma_max: float, schedule: LearnedSchedule | None = None) -> Tensor:
+    """A grid tuned for one solver (`evodiff_pl.schedules.tuned`, docs/method.md §2.7): `schedule` is
+    `TunedGrids.for_solver(solver)`, which holds one grid per NFE."""
+    if getattr(schedule, "kind", None) != "tuned":
+        raise ValueError("schedule 'tuned' needs a solver's tuned grids: get_sigmas('tuned', n, schedule="
+                         "TunedGrids.for_solver(solver)) (made by sample.py tune=true or a .../tuned/... "
+                         "evaluation spec during training)")
+    return schedule.sigmas(n_steps, sigma_min=sigma_min, sigma_max=sigma_max)
+
+
 SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "karras": karras,
     "logsnr": logsnr,
@@ -66,13 +76,15 @@ SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "rescaled_entropic": _learned("rescaled_entropic"),
     "head_entropic": _learned("head_entropic"),
     "head_rescaled_entropic": _learned("head_rescaled_entropic"),
+    "tuned": tuned,
 }
 
 
 def get_sigmas(name: str, n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, **options) -> Tensor:
     """n_steps + 1 decreasing float64 levels from sigma_max to sigma_min, both ends exact.
 
-    Options: `rho` for karras; `schedule` (a learned schedule object) for entropic / rescaled_entropic.
+    Options: `rho` for karras; `schedule` (a learned schedule object) for entropic / rescaled_entropic, a solver's
+    tuned grids for tuned.
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")

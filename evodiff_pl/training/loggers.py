@@ -34,6 +34,7 @@ from torch import Tensor
 from evodiff_pl.config.keys import ConfigError
 from evodiff_pl.training.charts import curve_tables, grid_scalars, plot_loss_curve, plot_losses, plot_schedule
 from evodiff_pl.utils.fileio import atomic_write_text
+from evodiff_pl.schedules.tuned import learned_start, write_tuned
 
 RUN_ID_FILE = "wandb_run_id"
 STEP_METRIC = "train/kimg"
@@ -222,6 +223,7 @@ class ScheduleArtifacts(L.Callback):
         self._written = self._plotted = -1
         self.losses: list[tuple[float, str, float]] = []
         """(kimg, metric, value) of the training loss at logging steps and of the EMA validation loss."""
+        self._tuned = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses)}
@@ -257,6 +259,11 @@ class ScheduleArtifacts(L.Callback):
         if not trainer.sanity_checking:
             self._record(trainer, pl_module, "val/loss_ema_per_elem")
             self.plot(trainer, pl_module)
+        tuned, learned = getattr(pl_module, "tuned_grids", None), pl_module.entropic_schedule
+        if tuned is not None and tuned is not self._tuned and trainer.is_global_zero:  # schedule_tuned.json + plot
+            self._tuned = tuned
+            start = learned and learned_start(learned, pl_module.sigma_min, pl_module.sigma_max)
+            write_tuned(tuned, self.run_dir, start)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.plot(trainer, pl_module)

@@ -145,6 +145,7 @@ class EDMModule(L.LightningModule):
         self.schedule_kind = entropic.kind
         self.schedule_every = entropic.update_every_steps
         self.entropic_schedule: EntropicSchedule | None = None
+        self.tuned_grids = None  # TunedGrids of the `tuned` evaluation specs (evaluation.callback)
         self.head_schedule: EntropicSchedule | None = None
         """The rescaled entropic schedule of the EMA's log-variance head (EDM2 networks), rebuilt with the tracker's."""
         self.schedule_version = 0

@@ -119,9 +119,11 @@ def resume_checkpoint(resume: str, ckpt_dir: str | Path, config: dict[str, Any])
     return ResumePoint(path, meta, config_changes(meta["config"], config, path))
 
 
-def mark_completed(path: str | Path) -> None:
-    """Record in a checkpoint that its run finished, final evaluation included (rewritten atomically)."""
+def mark_completed(path: str | Path, updates: dict[str, Any] | None = None) -> None:
+    """Record in a checkpoint that its run finished, final evaluation included, with `updates` of its training
+    state made by that evaluation (the tuned grids); rewritten atomically when anything changes."""
     ckpt = read_checkpoint(path)
-    if not ckpt[CHECKPOINT_KEY].get("completed"):
-        ckpt[CHECKPOINT_KEY]["completed"] = True
+    new = {"completed": True, **(updates or {})}
+    if any(ckpt[CHECKPOINT_KEY].get(k) != v for k, v in new.items()):
+        ckpt[CHECKPOINT_KEY].update(new)
         write_checkpoint(path, ckpt)

@@ -272,7 +272,8 @@ def _fit(training: TrainingRun) -> None:
                                      ckpt_path=training.ckpt_path, weights_only=True)
         last = training.run_dir / "checkpoints" / "last.ckpt"
         if training.trainer.is_global_zero and last.is_file():
-            mark_completed(last)
+            tuned = training.module.tuned_grids  # tuned by the final evaluation, after the last checkpoint
+            mark_completed(last, {"tuned": tuned.to_dict()} if tuned is not None else None)
         exit_code = 0
     finally:
         finish_wandb(exit_code)

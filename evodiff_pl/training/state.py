@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from evodiff_pl.io.checkpointing import FORMAT, VERSION
 from evodiff_pl.schedules.entropic import EntropicSchedule
+from evodiff_pl.schedules.tuned import TunedGrids
 from evodiff_pl.utils.dist import world
 from evodiff_pl.utils.seeding import rng_state, set_rng_state
 
@@ -45,6 +46,7 @@ def training_state(module: Any) -> dict[str, Any]:
         "tracker": module.tracker.state_dict(),
         "schedule": schedule.to_dict() if schedule is not None else None,
         "schedule_version": module.schedule_version,
+        "tuned": module.tuned_grids.to_dict() if getattr(module, "tuned_grids", None) is not None else None,
         "rng": gather_rng_states(),
         "loss_scale": LOSS_SCALE,
     }
@@ -74,6 +76,7 @@ def restore_training_state(module: Any, checkpoint: dict[str, Any], state: dict[
     schedule = state["schedule"]
     module.entropic_schedule = EntropicSchedule.from_dict(schedule) if schedule is not None else None
     module.schedule_version = int(state["schedule_version"])
+    module.tuned_grids = TunedGrids.from_dict(state["tuned"]) if state.get("tuned") else None
     rank, world_size = world()
     rng = state["rng"]
     if len(rng) != world_size:
