@@ -2,7 +2,7 @@
 
 For each model, solver and NFE: the tuner starts from the model's learned rescaled entropic grid (the dedicated
 pass beside the checkpoint, `<ckpt stem>_schedule_estimated.json`) and sees the starting noises of the tuning
-set, sample j drawn from seed TUNE_SEED + j (`evodiff_pl.schedules.tuned.TUNE_SEED`, far above the scoring
+set, sample j drawn from seed TUNE_SEED + j (`evodiff_pl.sampling.grid_tuning.TUNE_SEED`, far above the scoring
 seeds), with reference endpoints from `reference_solution` (iPNDM, 200 log-SNR steps). Every grid is then scored
 as `sample.py score=fd_pixels` does (seeds 0..1796, pixel FD against the 1,797 digits, `fd_pixels`). The
 tuning-set vs held-out gap: `fd_tune` = FD of the T tuning-set samples, `fd_held` = FD of T held-out samples
@@ -35,7 +35,7 @@ from evodiff_pl.sampling.generate import generate, initial_noise, steps_for_nfe 
 from evodiff_pl.sampling.job import checkpoint_data  # noqa: E402
 from evodiff_pl.schedules.entropic import EntropicSchedule  # noqa: E402
 from evodiff_pl.schedules.grids import get_sigmas  # noqa: E402
-from evodiff_pl.schedules.tuned import TUNE_SEED  # noqa: E402
+from evodiff_pl.sampling.grid_tuning import TUNE_SEED  # noqa: E402
 from evodiff_pl.tuning import reference_solution, tune_sigmas  # noqa: E402
 
 MODELS = {"640k": "benchmarks/results/digits_640k_ema.ckpt", "1920k": "benchmarks/results/digits_1920k_ema.ckpt",

@@ -21,7 +21,7 @@ from evodiff_pl.evaluation.metrics import FrechetScore
 from evodiff_pl.io.denoiser import load_denoiser
 from evodiff_pl.sampling.generate import EvalSpec, generate
 from evodiff_pl.sampling.job import checkpoint_data
-from evodiff_pl.schedules.tuned import learned_start, tune_grids, tuning_noise
+from evodiff_pl.sampling.grid_tuning import learned_start, tune_grids, tuning_noise
 
 
 class Counted:

@@ -15,7 +15,8 @@ from train_utils import GMM, load, tiny_gmm, train_in_process
 
 from evodiff_pl.sampling.cli import main
 from evodiff_pl.schedules.grids import get_sigmas
-from evodiff_pl.schedules.tuned import TUNE_SEED, TunedGrids, tune_grids, tuned_grids_path, tuning_noise
+from evodiff_pl.sampling.grid_tuning import TUNE_SEED, tune_grids, tuning_noise
+from evodiff_pl.schedules.tuned import TunedGrids, tuned_grids_path
 from evodiff_pl.toy import GaussianMixture
 
 GRID = [80.0, 3.0, 1.0, 0.4, 0.1, 0.002]

@@ -16,7 +16,8 @@ from torch import Tensor
 from evodiff_pl.evaluation.settings import EvaluationSettings
 from evodiff_pl.sampling.generate import EvalSpec, generate, rank_indices
 from evodiff_pl.sampling.guidance import Denoiser, guide_of, guided
-from evodiff_pl.schedules.tuned import KIND as TUNED, learned_start, tune_grids, tuning_noise
+from evodiff_pl.sampling.grid_tuning import learned_start, tune_grids, tuning_noise
+from evodiff_pl.schedules.tuned import KIND as TUNED
 from evodiff_pl.utils.images import save_grid, to_uint8
 from evodiff_pl.evaluation.metrics import FrechetScore
 from evodiff_pl.sampling.plan import with_kind

@@ -60,7 +60,7 @@ class EvaluationSettings:
             gnet: the guiding network of the specs with guidance (a run directory, .ckpt or NVlabs pickle; its EMA
                 weights); None: such specs use classifier-free guidance with the null label.
             tune_samples, tune_evals, tune_objective, tune_reference_steps: specs on the schedule `tuned` have their
-                grid tuned before each evaluation (`evodiff_pl.schedules.tuned.tune_grids`, warm-started from the
+                grid tuned before each evaluation (`evodiff_pl.sampling.grid_tuning.tune_grids`, warm-started from the
                 last one, first from the learned rescaled entropic grid): starting noises of seeds TUNE_SEED + j,
                 j < tune_samples (never scored), at most tune_evals solver runs each, against an iPNDM reference of
                 tune_reference_steps log-SNR steps; the grids are kept in `pl_module.tuned_grids`.

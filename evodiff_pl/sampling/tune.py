@@ -11,7 +11,8 @@ from evodiff_pl.sampling.generate import steps_for_nfe
 from evodiff_pl.sampling.options import SampleConfig, SampleError, check_choice, names, nfes
 from evodiff_pl.sampling.plan import learned_schedule
 from evodiff_pl.schedules.grids import SCHEDULES, get_sigmas
-from evodiff_pl.schedules.tuned import KIND, TunedGrids, learned_start, tune_grids, tuned_grids_path, tuning_noise
+from evodiff_pl.sampling.grid_tuning import learned_start, tune_grids, tuning_noise
+from evodiff_pl.schedules.tuned import KIND, TunedGrids, tuned_grids_path
 from evodiff_pl.solvers import SOLVERS
 from evodiff_pl.tuning import OBJECTIVES
 from evodiff_pl.utils.dist import world

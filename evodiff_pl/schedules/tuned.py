@@ -1,7 +1,7 @@
 """Solver-tuned grids (`evodiff_pl.tuning`, docs/method.md §2.7) kept per solver x NFE: the schedule `tuned`.
 
 `TunedGrids` holds one grid per (solver, NFE); `get_sigmas("tuned", n, schedule=grids.for_solver(solver))` reads
-one. `tune_grids` makes them: every (solver, NFE) asked for is tuned from its previous grid (warm start) or from a
+one. `evodiff_pl.sampling.grid_tuning.tune_grids` makes them: every (solver, NFE) asked for is tuned from its previous grid (warm start) or from a
 starting grid (the learned rescaled entropic one), on the fixed starting noises of `tuning_noise` (seeds
 TUNE_SEED + j, never a scoring seed), the work dealt over the ranks and the grids gathered, so every rank ends
 with the same grids. The validation callback (`evodiff_pl.evaluation.callback`) and `sample.py tune=true` call it;
@@ -17,21 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from evodiff_pl.sampling.generate import initial_noise, steps_for_nfe
-from evodiff_pl.sampling.plan import with_kind
-from evodiff_pl.schedules.grids import LearnedSchedule, get_sigmas
 from evodiff_pl.solvers import nfe as solver_nfe
-from evodiff_pl.tuning import OBJECTIVES, reference_solution, tune_sigmas
-from evodiff_pl.utils.dist import world
 from evodiff_pl.utils.fileio import atomic_write_json
 
-TUNE_SEED = 1 << 31
-"""Base seed of the tuning noises: tuning sample j draws from seed TUNE_SEED + j, never a scoring seed (seed + j
-with a small base seed and j < the number of scored samples)."""
 KIND = "tuned"
 _FORMAT, _VERSION = "evodiff-pl/tuned-grids", 1
 
@@ -111,65 +102,6 @@ def tuned_grids_path(ckpt: Path, outdir: str | None = None) -> Path:
     """<outdir or the checkpoint's folder>/<checkpoint stem>_schedule_tuned.json (where `schedule=tuned` looks)."""
     name = f"{Path(ckpt).stem}_schedule_tuned.json"
     return Path(outdir) / name if outdir is not None else Path(ckpt).with_name(name)
-
-
-def learned_start(schedule: LearnedSchedule, sigma_min: float, sigma_max: float) -> Callable[[str, int], Tensor]:
-    """start(solver, nfe): the rescaled entropic grid of the learned `schedule` (an EntropicSchedule) for that NFE."""
-    rescaled = with_kind(schedule, "rescaled_entropic")
-    return lambda solver, count: get_sigmas("rescaled_entropic", steps_for_nfe(solver, count), sigma_min, sigma_max,
-                                            schedule=rescaled)
-
-
-def tuning_noise(n: int, shape: tuple[int, ...], sigma_max: float, num_classes: int = 0,
-                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
-    """The fixed starting noises x_T = sigma_max * noise of seeds TUNE_SEED + j, j < n, and their labels."""
-    noise, labels = initial_noise(torch.arange(n), shape, TUNE_SEED, num_classes)
-    return (sigma_max * noise).to(device), None if labels is None else labels.to(device)
-
-
-def tune_grids(
-    wanted: Sequence[tuple[str, int]],
-    denoiser: Callable[..., Tensor],
-    x_T: Tensor,
-    start: Callable[[str, int], Tensor],
-    *,
-    labels: Tensor | None = None,
-    previous: TunedGrids | None = None,
-    objective: str = "fd",
-    max_evals: int = 100,
-    reference_steps: int = 200,
-    source: dict[str, Any] | None = None,
-) -> TunedGrids:
-    """Tune every (solver, NFE) of `wanted` (call on every rank: rank r tunes wanted[r::world], all gather).
-
-    Each starts from `previous`'s grid when it has one with `start`'s ends, else from `start(solver, nfe)` (e.g.
-    the learned rescaled entropic grid); `denoiser` is D(x, sigma[, labels]); x_T from `tuning_noise`.
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown tuning objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    rank, world_size = world()
-    fn = denoiser if labels is None else (lambda x, sigma: denoiser(x, sigma, labels))
-    mine: dict[str, list[float]] = {}
-    reference = None
-    with torch.no_grad():
-        for solver, count in list(wanted)[rank::world_size]:
-            first = start(solver, count)
-            warm = None if previous is None else previous.get(solver, count)
-            fits = warm is not None and warm.numel() == first.numel() and bool((warm[[0, -1]] == first[[0, -1]]).all())
-            if reference is None:
-                reference = reference_solution(fn, x_T, first[0].item(), first[-1].item(), steps=reference_steps)
-            grid = tune_sigmas(solver, fn, x_T, warm if fits else first, reference=reference, objective=objective,
-                               nfe=count, max_evals=max_evals)
-            mine[f"{solver}/{count}"] = grid.tolist()
-    if world_size > 1:
-        shares: list[Any] = [None] * world_size
-        dist.all_gather_object(shares, mine)
-        mine = {k: v for share in shares for k, v in share.items()}
-    merged = {} if previous is None else {k: v.tolist() for k, v in previous.grids.items()}
-    merged.update(mine)
-    return TunedGrids(merged, objective=objective,
-                      source={**(source or {}), "tune_samples": len(x_T), "max_evals": max_evals,
-                              "reference_steps": reference_steps})
 
 
 def plot_tuned(grids: TunedGrids, start: Callable[[str, int], Tensor] | None = None) -> Figure:

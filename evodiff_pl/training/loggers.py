@@ -34,7 +34,8 @@ from torch import Tensor
 from evodiff_pl.config.keys import ConfigError
 from evodiff_pl.training.charts import curve_tables, grid_scalars, plot_loss_curve, plot_losses, plot_schedule
 from evodiff_pl.utils.fileio import atomic_write_text
-from evodiff_pl.schedules.tuned import learned_start, write_tuned
+from evodiff_pl.sampling.grid_tuning import learned_start
+from evodiff_pl.schedules.tuned import write_tuned
 
 RUN_ID_FILE = "wandb_run_id"
 STEP_METRIC = "train/kimg"
