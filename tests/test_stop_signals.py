@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_utils import GMM, PYTHON, ROOT, load, tiny_gmm, train_in_process
+from train_utils import GMM, PYTHON, ROOT, assert_whole_step, load, tiny_gmm, train_in_process
 
 import evodiff_pl.training.run as run_module
 from evodiff_pl.evaluation.callback import SampleQualityCallback
@@ -59,20 +59,13 @@ def _signal_self_at(monkeypatch, owner: object, name: str, sig: int, when) -> No
     monkeypatch.setattr(owner, name, patched)
 
 
-def _whole_step(ckpt: dict) -> int:
-    """The step a checkpoint holds, checked to be whole (every Adam state and the tracker updated that often)."""
-    steps = {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
-    assert steps == {ckpt["global_step"]} and ckpt["evodiff"]["tracker"]["steps"] == ckpt["global_step"]
-    return ckpt["global_step"]
-
-
 @pytest.mark.parametrize("place, step", [("training_step", 3), ("_ema_eval_loss", 3), ("rebuild_schedule", 2)])
 def test_a_signal_in_a_training_step_stops_after_it(tmp_path, slurm, monkeypatch, place, step):
     """The signal comes in the third step (its EMA pass), or in the schedule rebuild at the end of the second."""
     _signal_self_at(monkeypatch, EDMModule, place, signal.SIGUSR1, lambda m: m.batches_seen == 2)
     assert main(["--config", str(GMM), *tiny_gmm(tmp_path)]) == 128 + signal.SIGUSR1
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
-    assert _whole_step(ckpt) == step and not ckpt["evodiff"].get("completed")
+    assert assert_whole_step(ckpt) == step and not ckpt["evodiff"].get("completed")
     assert slurm.read_text().split() == ["requeue", "4242"]
     assert not (tmp_path / "train.lock").exists() and not STOP.received
 
@@ -119,7 +112,7 @@ def test_a_signal_during_the_evaluation_stops_and_the_rerun_redoes_it(tmp_path, 
     _signal_self_at(monkeypatch, SampleQualityCallback, "_sample", signal.SIGUSR1, third_batch)
     assert main(["--config", str(GMM), *overrides]) == 128 + signal.SIGUSR1
     ckpt = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert _whole_step(ckpt) == step
+    assert assert_whole_step(ckpt) == step
     assert [s["pending"] for k, s in ckpt["callbacks"].items() if "SampleQuality" in k] == [1]
     assert slurm.read_text().split() == ["requeue", "4242"]
     assert main(["--config", str(GMM), *overrides]) == 0
@@ -147,7 +140,9 @@ def test_a_signal_during_a_sweep_stops_without_writing_the_setting(tmp_path, mon
             "format=npz", f"outdir={out}"]
     assert sample_cli.main(args) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM during setting euler_logsnr_nfe4" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["euler_logsnr_nfe2.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["euler_logsnr_nfe2.npz", "scores.csv", "scores.md"]
+    rows = (out / "scores.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[:3] for row in rows] == [["euler", "logsnr", "2"]]  # the interrupted NFE 4 has no row
     assert len(calls) == 3 and not STOP.received
 
 
@@ -214,7 +209,8 @@ def test_a_signal_during_the_imports_stops_at_once(tmp_path, sig):
     proc = _start(["--config", str(GMM), *tiny_gmm(tmp_path / "run")], env)
     time.sleep(0.3)
     err, elapsed = _stop(proc, sig)
-    assert proc.returncode == 128 + sig and "during start-up" in err, err[-3000:]
+    # where 0.3 s lands depends on the machine's import speed: the imports or the set-up, both before any step
+    assert proc.returncode == 128 + sig and ("during start-up" in err or "during set-up" in err), err[-3000:]
     print(f"{signal.Signals(sig).name} during the imports: exited {elapsed:.2f} s after the signal")
     assert elapsed < STOP_LIMIT_S
     assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if sig == signal.SIGUSR1 else [])
@@ -241,7 +237,7 @@ def _two_ranks(tmp_path: Path, sig: int, to: str, during: str) -> float:
     name = signal.Signals(sig).name
     assert proc.returncode == 128 + sig and err.count(f"stopped by {name} during {'the evaluation of' if during == 'evaluation' else during}") == 2, err[-3000:]
     ckpt = load(run_dir / "checkpoints" / "last.ckpt")
-    step = _whole_step(ckpt)
+    step = assert_whole_step(ckpt)
     if during == "evaluation":
         assert step == 2 and [s["pending"] for k, s in ckpt["callbacks"].items() if "SampleQuality" in k] == [1]
     assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if sig == signal.SIGUSR1 else [])

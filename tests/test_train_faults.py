@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from train_utils import DIGITS, GMM, PYTHON, ROOT, load, tiny_gmm, train_in_process
+from train_utils import DIGITS, GMM, PYTHON, ROOT, assert_whole_step, load, tiny_gmm, train_in_process
 
 from evodiff_pl.io.checkpointing import CheckpointError, read_checkpoint, write_checkpoint
 from evodiff_pl.utils.fileio import atomic_write_text
@@ -53,14 +53,6 @@ def _interrupt(proc: subprocess.Popen, run_dir: Path, sig: int, delay: float, ti
     return err
 
 
-def _assert_whole_step(ckpt: dict) -> None:
-    """Every Adam state was updated exactly global_step times: the checkpoint holds the state after a whole step."""
-    steps = {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
-    assert steps == {ckpt["global_step"]}, (steps, ckpt["global_step"])
-    tracker = ckpt["evodiff"]["tracker"]
-    assert tracker["steps"] + tracker["pending_steps"] == ckpt["global_step"]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted 1-process run of 3000 steps."""
@@ -74,7 +66,7 @@ def test_sigterm_saves_a_whole_step_and_exits_nonzero(tmp_path):
     proc = _start(run_dir)
     err = _interrupt(proc, run_dir, signal.SIGTERM, delay=0.2)
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM during training; checkpoint" in err, err[-3000:]
-    _assert_whole_step(load(run_dir / "checkpoints" / "last.ckpt"))
+    assert_whole_step(load(run_dir / "checkpoints" / "last.ckpt"))
     assert not (run_dir / "train.lock").exists()
 
 
@@ -86,7 +78,7 @@ def test_sigterm_at_a_random_moment_then_resume_is_exact(tmp_path, reference):
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM during training; checkpoint" in err, err[-3000:]
     saved = load(run_dir / "checkpoints" / "last.ckpt")
     assert 100 <= saved["global_step"] < 3000, "the signal came too late to test anything"
-    _assert_whole_step(saved)
+    assert_whole_step(saved)
     assert not (run_dir / "train.lock").exists()
     assert main(["--config", str(GMM), *tiny_gmm(run_dir, *LONG)]) == 0
     resumed = load(run_dir / "checkpoints" / "last.ckpt")
@@ -114,7 +106,7 @@ def _preempt_two_ranks(tmp_path: Path, delay: float) -> None:
     err = _interrupt(proc, run_dir, signal.SIGUSR1, delay=delay)
     assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
     saved = load(run_dir / "checkpoints" / "last.ckpt")
-    _assert_whole_step(saved)
+    assert_whole_step(saved)
     assert len(saved["evodiff"]["rng"]) == 2
     assert calls.read_text().split() == ["requeue", "4242"]
     assert "SLURM job requeued" in err

@@ -92,3 +92,13 @@ def assert_same_run(a: dict, b: dict) -> None:
     assert ea.keys() == eb.keys()
     for key in ea.keys() - set(RUN_KEYS):
         assert_equal(ea[key], eb[key], f"evodiff.{key}")
+
+
+def assert_whole_step(ckpt: dict) -> int:
+    """The step a checkpoint holds, checked to be whole: every Adam state and the tracker were updated exactly
+    global_step times."""
+    steps = {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+    assert steps == {ckpt["global_step"]}, (steps, ckpt["global_step"])
+    tracker = ckpt["evodiff"]["tracker"]
+    assert tracker["steps"] + tracker["pending_steps"] == ckpt["global_step"]
+    return ckpt["global_step"]
