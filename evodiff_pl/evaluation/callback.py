@@ -106,7 +106,8 @@ class SampleQualityCallback(EvaluationSettings, L.Callback):
         return self._evals % (self.every_n_evals or 1) == 0
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and self._due(pl_module):
+        final = 0 < trainer.max_steps <= trainer.global_step  # the end of training always scores, whatever the rhythm
+        if not trainer.sanity_checking and (self._due(pl_module) or final):
             self._evaluate_specs(trainer, pl_module, redo=False)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:

@@ -47,7 +47,8 @@ class EvaluationSettings:
             num_samples: generated samples per spec and evaluation, over all ranks.
             every_n_evals: evaluate at every n-th validation epoch (sanity check excluded).
             every_n_images: evaluate at the first validation after each multiple of n training images
-                (`pl_module.images_seen`); exclusive with every_n_evals. Neither: every validation.
+                (`pl_module.images_seen`); exclusive with every_n_evals. Neither: every validation. The validation
+                at the end of training is always scored.
             seed: base seed of the generated samples (sample j uses seed + j) and of the grids.
             feature: "pixels" (Fréchet distance on pixels / raw vectors, offline) or "inception" (FID).
             weights_path: local InceptionV3 weights for feature="inception" (needed offline).
