@@ -3,7 +3,6 @@
 import io
 import json
 import math
-import socket
 import tempfile
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from train_utils import free_port
 
 from evodiff_pl.schedules.entropic import KINDS, EntropicSchedule, edm_loss_weight, estimate_mmse
 from evodiff_pl.schedules.tracker import SigmaBinnedLoss
@@ -198,16 +199,10 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ddp
 def test_two_processes_give_the_statistics_of_one(mixture):
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port(), out), nprocs=2, join=True)
         ranks = [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = {k: SigmaBinnedLoss(ema_decay=d) for k, d in _TRACKERS.items()}
     _feed(single, 0, 1)

@@ -2,7 +2,6 @@ import csv
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from train_utils import free_port
 
 from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, write_checkpoint
 from evodiff_pl.io.denoiser import load_denoiser
@@ -237,19 +238,13 @@ def test_bad_input_fails_before_any_output(case, digits_run, bad_files, tmp_path
     assert not out.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ddp
 @pytest.mark.parametrize("nproc,n", [(2, 21), (3, 2)])
 def test_torchrun_matches_one_process(nproc, n, digits_run, stats_dir, tmp_path):
     args = [f"ckpt={digits_run}", f"seeds=0-{n - 1}", "nfe=4,5", "solver=dpmpp_2m", "schedule=logsnr",
             "score=fd_pixels", f"stats_dir={stats_dir}", "format=both", "batch=4"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={_free_port()}"]
+                f"--master_port={free_port()}"]
     proc = subprocess.run([*torchrun, str(ROOT / "sample.py"), "progress=false", *args, f"outdir={tmp_path / 'many'}"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr

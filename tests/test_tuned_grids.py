@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import tempfile
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from train_utils import GMM, load, tiny_gmm, train_in_process
+from train_utils import GMM, free_port, load, tiny_gmm, train_in_process
 
 from evodiff_pl.sampling.cli import main
 from evodiff_pl.schedules.grids import get_sigmas
@@ -78,17 +77,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_two_ranks_end_with_the_grids_of_one():
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port(), out), nprocs=2, join=True)
         ranks = [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["grids"] == _tune().to_dict()["grids"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,10 @@ def assert_whole_step(ckpt: dict) -> int:
     tracker = ckpt["evodiff"]["tracker"]
     assert tracker["steps"] + tracker["pending_steps"] == ckpt["global_step"]
     return ckpt["global_step"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
