@@ -14,11 +14,8 @@ from urllib.error import URLError
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import download_and_extract_archive
 
 from evodiff_pl.data.image_files import DataError, DatasetNotFoundError, ImageFiles, ImageFilesDataset
 from evodiff_pl.data.stream import DiffusionDataModule, ImageDataModule
@@ -71,6 +68,8 @@ class DigitsDataModule(ImageDataModule):
         self.num_classes = 10 if conditional else 0
 
     def _load(self) -> Dataset:
+        from sklearn.datasets import load_digits  # 2 s of imports, only when the digits are read
+
         digits = load_digits()
         x = torch.from_numpy(digits.images / 16 * 2 - 1).to(torch.float32)[:, None]
         labels = torch.from_numpy(digits.target).to(torch.int64)
@@ -131,6 +130,9 @@ class CIFAR10DataModule(ImageDataModule):
         folder = self.root / _CIFAR_DIR
         if all((folder / f).is_file() for f in _CIFAR_TRAIN_FILES):
             return folder
+        from torchvision.datasets import CIFAR10  # 3 s of imports, only when the files are missing
+        from torchvision.datasets.utils import download_and_extract_archive
+
         reason = "download disabled (data.download=false)"
         if self.download:
             try:
