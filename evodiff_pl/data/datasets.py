@@ -246,6 +246,9 @@ class GMMDataModule(DiffusionDataModule):
             **kwargs: `DiffusionDataModule` options.
         """
         super().__init__(**kwargs)
+        for key, value in (("dim", dim), ("n_components", n_components), ("num_train", num_train)):
+            if not value >= 1:
+                raise DataError(f"{key} must be >= 1, got {value}")
         self.mixture = GaussianMixture.default(dim=dim, n_components=n_components, seed=mixture_seed)
         self.mixture_seed = mixture_seed
         self.num_train = num_train
