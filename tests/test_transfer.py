@@ -16,6 +16,7 @@ from evodiff_pl.networks import build_network
 from evodiff_pl.networks.precond import build_precond
 from evodiff_pl.training.losses import EDMLoss
 from evodiff_pl.training.module import EDMModule
+from evodiff_pl.training.datamodule import as_lightning
 from evodiff_pl.training.run import build
 from evodiff_pl.training.transfer import init_from
 
@@ -66,7 +67,7 @@ def test_a_run_checkpoint_starts_a_new_run_with_its_weights_ema_and_schedule(tmp
     assert _equal(run.module.ema, {k[4:]: v for k, v in state.items() if k.startswith("ema.")})
     assert run.module.entropic_schedule.to_dict() == src["evodiff"]["schedule"]
     assert run.resume is None and run.module.images_seen == 0 and run.module.tracker.steps == 0
-    run.trainer.fit(run.module, datamodule=run.datamodule)  # trains on from there, with a fresh Adam
+    run.trainer.fit(run.module, datamodule=as_lightning(run.datamodule))  # trains on from there, with a fresh Adam
     assert load(tmp_path / "dst" / "checkpoints" / "last.ckpt")["evodiff"]["images_seen"] == 384
 
 

@@ -67,9 +67,9 @@ class ModelConfig:
     """Upper end of the noise range."""
     init: Optional[str] = None
     """Start from this network file's weights and EMA (a train.py checkpoint or run directory, an exported checkpoint,
-    an NVlabs edm/edm2 .pkl; `evodiff_pl.training.transfer`): fresh optimizer, tracker and image count, our
-    checkpoints' schedule as the starting one. The network settings must build the file's architecture. Read only
-    when the run starts; a resumed run continues from its own checkpoint."""
+    an NVlabs edm/edm2 .pkl, or its http(s) URL; `evodiff_pl.training.transfer`): fresh optimizer, tracker and image
+    count, our checkpoints' schedule as the starting one. The network settings must build the file's architecture.
+    Read only when the run starts; a resumed run continues from its own checkpoint."""
 
 
 @dataclass

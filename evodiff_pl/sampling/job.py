@@ -201,7 +201,7 @@ def build(cfg: SampleConfig) -> SamplingJob:
     shape = decoder.image_shape(shape) if decoder is not None else shape
     formats = output_formats(cfg.format, len(shape) == 3, cfg.score != "none")
     score, seeds = build_score(cfg, loaded, device, shape)
-    outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path)
+    outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path, is_url(cfg.ckpt))
     if world()[0] == 0:
         check_writable(outdir)
     return SamplingJob(cfg, loaded, device, rows, seeds, score, outdir, formats, decoder, gnet)

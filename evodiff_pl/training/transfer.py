@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, CheckpointError, locate_checkpoint, read_checkpoint
+from evodiff_pl.io.denoiser import local_file
 from evodiff_pl.io.nvlabs import load_nvlabs_pickle
 from evodiff_pl.networks.songunet import upgrade_v1_songunet
 from evodiff_pl.schedules.entropic import EntropicSchedule
@@ -25,7 +26,9 @@ SHOWN = 3
 
 
 def read_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(raw weights, EMA weights, metadata) of a network file, keys as in `EDMPrecond.state_dict()`."""
+    """(raw weights, EMA weights, metadata) of a network file (or its http(s) URL), keys as in
+    `EDMPrecond.state_dict()`."""
+    path = local_file(path)
     if Path(path).suffix == ".pkl":
         loaded = load_nvlabs_pickle(path)
         state = loaded.denoiser.state_dict()
