@@ -112,7 +112,7 @@ def test_weights_that_do_not_fit_name_the_first_keys(tmp_path: Path, fake_persis
     with pytest.raises(NVlabsPickleError) as err:
         load_denoiser(path)
     message = str(err.value)
-    assert "\n" not in message and "do not fit its network (missing backbone." in message
+    assert "\n" not in message and "do not fit the network of its recorded arguments (missing backbone." in message
     assert "unexpected backbone.extra" in message and f"shape (file vs network) backbone.{key} (1,) vs (" in message
 
 

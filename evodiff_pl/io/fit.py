@@ -42,11 +42,12 @@ def build_checked(backbone: Callable[[], torch.nn.Module], wrap: Callable[[torch
     shell = wrap(shell)
     count = sum(p.numel() for p in shell.parameters())
     if count > max_parameters():
-        raise CheckpointError(f"{what} would have {count:.3g} parameters, more than {max_parameters():.3g} (set "
+        raise CheckpointError(f"{what} with its recorded arguments would have {count:.3g} parameters, more than {max_parameters():.3g} (set "
                               "EVODIFF_MAX_PARAMETERS to allow it)")
     problems = fit_problems(shell.state_dict(), state, "network")
     if problems:
-        raise CheckpointError(f"the weights of {what} do not fit its network ({'; '.join(problems)})")
+        raise CheckpointError(f"the weights of {what} do not fit the network of its recorded arguments "
+                              f"({'; '.join(problems)})")
     network = wrap(backbone())
     network.load_state_dict(state)
     return network

@@ -232,7 +232,7 @@ def build_from_record(record: PersistentRecord) -> tuple[torch.nn.Module, dict[s
     try:
         denoiser = build_checked(lambda: build_network(NETWORKS[model_type], **net_kwargs),
                                  lambda net: build_precond(PRECONDS[cls], net, **precond_kwargs),
-                                 _weights(record, "model."), f"{cls}({model_type}) of its recorded init kwargs")
+                                 _weights(record, "model."), f"{cls}({model_type})")
     except (TypeError, ValueError) as err:
         raise NVlabsPickleError(f"{cls}({model_type}) with init kwargs {sorted(record.init_kwargs)}: {err}") from None
     lo, hi = sigma_range if sigma_range is not None else (denoiser.sigma_min, denoiser.sigma_max)
@@ -291,7 +291,7 @@ def build_edm2(record: PersistentRecord, encoder: Any = None) -> tuple[torch.nn.
     try:
         denoiser = build_checked(lambda: build_network("edm2unet", **net_kwargs),
                                  lambda net: build_precond("edm2", net, **precond_kwargs),
-                                 _weights(record, "unet."), "edm2's Precond(UNet) of its recorded init kwargs")
+                                 _weights(record, "unet."), "edm2's Precond(UNet)")
     except (TypeError, ValueError) as err:
         raise NVlabsPickleError(f"edm2's Precond with init kwargs {sorted(record.init_kwargs)}: {err}") from None
     meta = {
