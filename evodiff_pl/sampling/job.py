@@ -81,8 +81,10 @@ def reference_stats(path: str, feature: str, kid: bool = False) -> dict[str, Any
             raise SampleError(f"score with {feature} features: {err}") from None
     try:
         stats = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SampleError(f"stats file {path} is unreadable: {type(err).__name__}: {err}") from None
+    except Exception as err:  # torch's message advises weights_only=False over several lines: not for a stats file
+        raise SampleError(f"stats file {path} is not a statistics file of this package ({type(err).__name__} in "
+                          "torch.load(weights_only=True)): pass one that sample.py or train.py wrote (stats_dir), or "
+                          "an .npz of mu and sigma for inception/dinov2 scores") from None
     keys = {"features"} if kid else {"sum", "outer_sum", "count"}
     if not isinstance(stats, dict) or not keys <= set(stats):
         raise SampleError(f"stats file {path} holds no reference statistics ({', '.join(sorted(keys))})")
