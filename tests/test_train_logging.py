@@ -175,3 +175,21 @@ def test_progress_bar_counts_steps_to_the_total_from_the_resumed_step(tmp_path, 
     result = train_in_process(GMM, tiny_gmm(run_dir, "trainer.progress_bar=true"))  # resumes to 6
     bar = next(c for c in result.trainer.callbacks if isinstance(c, StepProgressBar)).train_progress_bar
     assert (bar.initial, bar.n, bar.total) == (3, 6, 6)
+
+
+def test_the_plain_progress_rate_leaves_out_validation_time(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from evodiff_pl.training import loggers
+
+    clock = iter([0.0, 10.0, 70.0, 80.0])  # train start; validation 10 s .. 70 s; the line at 80 s
+    monkeypatch.setattr(loggers, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    trainer = SimpleNamespace(global_step=0, max_steps=4, is_global_zero=True, progress_bar_metrics={})
+    module = SimpleNamespace(images_seen=0, batches_seen=0)
+    bar = loggers.PlainProgress(every=2)
+    bar.on_train_start(trainer, module)
+    bar.on_validation_start(trainer, module)
+    bar.on_validation_end(trainer, module)
+    trainer.global_step, module.images_seen, module.batches_seen = 2, 400, 2
+    bar.on_train_batch_end(trainer, module)
+    assert capsys.readouterr().out.strip() == "step 2/4 | 0.4 kimg | 20 img/s | ETA 0m20s"  # 400 images in 20 s
