@@ -9,11 +9,9 @@ seconds (default 60) and the caller reports what to pass on an offline node.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import shutil
 import socket
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +59,9 @@ def cached_download(url: str) -> Path:
     path = download_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / name
     if path.is_file():
         return path
+    import http.client  # with urllib.request (and ssl), only when something is downloaded
+    import urllib.request
+
     seconds = timeout_seconds()
     try:
         with download_timeout(seconds), urllib.request.urlopen(url) as response:
