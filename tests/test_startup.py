@@ -56,7 +56,8 @@ def test_console_scripts_take_the_stop_signals_like_the_entry_scripts():
 
     text = (ROOT / "pyproject.toml").read_text()
     scripts = dict(re.findall(r'^(evodiff-[\w-]+) = "([\w.:]+)"$', text.split("[project.scripts]")[1], re.M))
-    assert scripts["evodiff-train"] == "evodiff_pl.entry:train" and scripts["evodiff-sample"] == "evodiff_pl.entry:sample"
+    assert scripts["evodiff-train"] == "evodiff_pl.entry:train"
+    assert scripts["evodiff-sample"] == "evodiff_pl.entry:sample"
     assert {"evodiff-phema", "evodiff-export", "evodiff-fid"} <= set(scripts)
     for target in scripts.values():
         module, name = target.split(":")

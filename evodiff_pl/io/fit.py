@@ -42,8 +42,8 @@ def build_checked(backbone: Callable[[], torch.nn.Module], wrap: Callable[[torch
     shell = wrap(shell)
     count = sum(p.numel() for p in shell.parameters())
     if count > max_parameters():
-        raise CheckpointError(f"{what} with its recorded arguments would have {count:.3g} parameters, more than {max_parameters():.3g} (set "
-                              "EVODIFF_MAX_PARAMETERS to allow it)")
+        raise CheckpointError(f"{what} with its recorded arguments would have {count:.3g} parameters, more than "
+                              f"{max_parameters():.3g} (set EVODIFF_MAX_PARAMETERS to allow it)")
     problems = fit_problems(shell.state_dict(), state, "network")
     if problems:
         raise CheckpointError(f"the weights of {what} do not fit the network of its recorded arguments "
