@@ -62,3 +62,14 @@ def test_an_unreachable_url_is_one_line_naming_what_to_pass(server, tmp_path, mo
         assert "\n" not in message and message.startswith(f"cannot download {url}")
         assert "pass its local path instead" in message
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_sample_py_takes_the_url_and_writes_beside_the_working_folder(server, tmp_path, monkeypatch):
+    from evodiff_pl.sampling import cli
+
+    monkeypatch.setenv("EVODIFF_DOWNLOADS", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    url = f"{server[0]}/songunet_skip_ve_cond.pkl"
+    assert cli.main([f"ckpt={url}", "solver=euler", "schedule=karras", "nfe=2", "seeds=0-1", "format=npz",
+                     "device=cpu", "progress=false"]) == 0
+    assert (tmp_path / "samples" / "songunet_skip_ve_cond" / "euler_karras_nfe2.npz").is_file()

@@ -23,6 +23,7 @@ from evodiff_pl.data.datasets import DatasetNotFoundError, build_from_config
 from evodiff_pl.data.stream import DiffusionDataModule
 from evodiff_pl.utils.dist import all_reduce, world
 from evodiff_pl.utils.fileio import atomic_write_text
+from evodiff_pl.utils.downloads import is_url
 from evodiff_pl.utils.stop import stoppable
 from evodiff_pl.sampling.generate import generate, rank_indices
 from evodiff_pl.sampling.guidance import guide_of, guided
