@@ -281,7 +281,9 @@ def test_cifar_download_path(tmp_path, monkeypatch, no_network):
     dm = build_datamodule("cifar10", batch_size=2)
     dm.prepare_data()
     dm.setup("fit")
-    assert calls == [(data.CIFAR10.url, "cifar-10-python.tar.gz")]
+    from torchvision.datasets import CIFAR10
+
+    assert calls == [(CIFAR10.url, "cifar-10-python.tar.gz")]
     assert len(dm.data) == 10
 
 

@@ -30,6 +30,13 @@ _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
+def download_and_extract_archive(url: str, download_root: str, filename: str, md5: str) -> None:
+    """torchvision's `download_and_extract_archive`, imported on first use (torchvision takes seconds to import)."""
+    from torchvision.datasets.utils import download_and_extract_archive as download
+
+    download(url, download_root, filename=filename, md5=md5)
+
+
 def default_data_root() -> Path:
     """$EVODIFF_DATA if set, else ~/.cache/evodiff-pl/data."""
     return Path(os.environ.get("EVODIFF_DATA", "~/.cache/evodiff-pl/data")).expanduser()
@@ -131,7 +138,6 @@ class CIFAR10DataModule(ImageDataModule):
         if all((folder / f).is_file() for f in _CIFAR_TRAIN_FILES):
             return folder
         from torchvision.datasets import CIFAR10  # 3 s of imports, only when the files are missing
-        from torchvision.datasets.utils import download_and_extract_archive
 
         reason = "download disabled (data.download=false)"
         if self.download:
