@@ -20,7 +20,7 @@ from evodiff_pl.evaluation.callback import SampleQualityCallback
 from evodiff_pl.sampling import cli as sample_cli
 from evodiff_pl.sampling import job as sample_job
 from evodiff_pl.training.module import EDMModule
-from evodiff_pl.training.run import main
+from evodiff_pl.training.cli import main
 from evodiff_pl.utils.stop import STOP
 
 STOP_LIMIT_S = 10.0
