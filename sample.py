@@ -11,7 +11,7 @@
 Image j depends only on seed j (the validation callback's sample j with base seed 0).
 """
 
-from evodiff_pl.utils.stop import launch  # takes SIGUSR1 / SIGTERM before the heavy imports (exit 128 + signal)
+from evodiff_pl.entry import sample  # takes SIGUSR1 / SIGTERM before the heavy imports (exit 128 + signal)
 
 if __name__ == "__main__":
-    raise SystemExit(launch("evodiff_pl.sampling.cli"))
+    raise SystemExit(sample())

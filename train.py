@@ -6,7 +6,7 @@
 Rerunning the same command resumes from the newest checkpoint in run.dir.
 """
 
-from evodiff_pl.utils.stop import launch  # takes SIGUSR1 / SIGTERM before the heavy imports (exit 128 + signal)
+from evodiff_pl.entry import train  # takes SIGUSR1 / SIGTERM before the heavy imports (exit 128 + signal)
 
 if __name__ == "__main__":
-    raise SystemExit(launch("evodiff_pl.training.cli"))
+    raise SystemExit(train())

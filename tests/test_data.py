@@ -281,7 +281,9 @@ def test_cifar_download_path(tmp_path, monkeypatch, no_network):
     dm = build_datamodule("cifar10", batch_size=2)
     dm.prepare_data()
     dm.setup("fit")
-    assert calls == [(data.CIFAR10.url, "cifar-10-python.tar.gz")]
+    from torchvision.datasets import CIFAR10
+
+    assert calls == [(CIFAR10.url, "cifar-10-python.tar.gz")]
     assert len(dm.data) == 10
 
 
@@ -384,14 +386,24 @@ def test_image_folder_reads_edm_dataset_tool_output(tmp_path, zipped):
     (b'{"labels": {"00000/img00000000.png": 1}}', "must be a list of \\[file, class\\] pairs"),
     (b'{"labels": [["00000/img00000000.png", 1]]}', "no label for 4 of 5 images, e.g. 00000/img00000001.png"),
     (b'{"labels": [["00000/img0000000%d.png", 0.5]]}', "class indices .*got 0.5"),
+    (b'{"labels": [["00000/img0000000%d.png", 4000000000000]]}', "class index 4000000000000 is too large"),
 ])
 def test_a_bad_edm_label_file_is_named(tmp_path, content, message):
     root = write_edm_dataset(tmp_path / "ds", [0] * 5, zipped=False)
     if b"%d" in content:
-        content = json.dumps({"labels": [[f"00000/img0000000{i}.png", 0.5] for i in range(5)]}).encode()
+        value = json.loads(content.replace(b"%d", b"0"))["labels"][0][1]
+        content = json.dumps({"labels": [[f"00000/img0000000{i}.png", value] for i in range(5)]}).encode()
     (root / "dataset.json").write_bytes(content)
     with pytest.raises(DataError, match=rf"{root}/dataset\.json.*{message}"):
         build_datamodule("image_folder", root=root, labels=True, batch_size=2)
+
+
+def test_a_decompression_bomb_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    root = write_edm_dataset(tmp_path / "ds", None, zipped=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # the 8x8 PNGs now exceed PIL's bomb limit (2 x 16 pixels)
+    dm = build_datamodule("image_folder", root=root, resolution=8, channels=1, batch_size=2)
+    with pytest.raises(DataError, match=rf"cannot read image {root}/00000/img00000000\.png: .*decompression bomb"):
+        dm.real_images()
 
 
 def test_a_damaged_zip_is_named(tmp_path):

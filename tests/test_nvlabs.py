@@ -76,6 +76,45 @@ def test_embedded_source_never_runs(tmp_path: Path, fake_persistence: type) -> N
     assert not marker.exists()
 
 
+def _songunet_pickle(tmp_path: Path, fake_persistence: type, weights: dict, **overrides: object) -> Path:
+    """A hand-made edm pickle: EDMPrecond(SongUNet) with the recorded kwargs (small unless overridden) and
+    `weights` as its backbone's parameters."""
+    kwargs = {**dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet", model_channels=4,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0.0), **overrides}
+    empty = dict(_buffers=OrderedDict(), _modules=OrderedDict())
+    unet = fake_persistence("SongUNet", _init_args=(), _init_kwargs={}, _parameters=OrderedDict(weights), **empty)
+    record = fake_persistence("EDMPrecond", _init_args=(), _init_kwargs=kwargs, _parameters=OrderedDict(),
+                              _buffers=OrderedDict(), _modules=OrderedDict(model=unet))
+    path = tmp_path / "net.pkl"
+    path.write_bytes(pickle.dumps({"ema": record}))
+    return path
+
+
+def test_a_huge_recorded_network_is_refused_before_any_allocation(tmp_path: Path, fake_persistence: type,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _songunet_pickle(tmp_path, fake_persistence, {}, model_channels=200000)  # ~10^12 parameters
+    with pytest.raises(NVlabsPickleError, match=r"would have \S+ parameters, more than 2e\+10 \(set "
+                                                r"EVODIFF_MAX_PARAMETERS") as err:
+        load_denoiser(path)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(path))
+    monkeypatch.setenv("EVODIFF_MAX_PARAMETERS", "100")
+    with pytest.raises(NVlabsPickleError, match=r"more than 100 "):
+        load_denoiser(_songunet_pickle(tmp_path, fake_persistence, {}))
+
+
+def test_weights_that_do_not_fit_name_the_first_keys(tmp_path: Path, fake_persistence: type) -> None:
+    from evodiff_pl.networks import build_network
+
+    key = next(iter(build_network("songunet", img_resolution=8, in_channels=1, out_channels=1, model_channels=4,
+                                  channel_mult=[1], num_blocks=1, attn_resolutions=[]).state_dict()))
+    path = _songunet_pickle(tmp_path, fake_persistence, {key: torch.zeros(1), "extra": torch.zeros(2)})
+    with pytest.raises(NVlabsPickleError) as err:
+        load_denoiser(path)
+    message = str(err.value)
+    assert "\n" not in message and "do not fit the network of its recorded arguments (missing backbone." in message
+    assert "unexpected backbone.extra" in message and f"shape (file vs network) backbone.{key} (1,) vs (" in message
+
+
 def test_refuses_other_globals_naming_the_class(tmp_path: Path) -> None:
     class Payload:
         def __reduce__(self) -> tuple:

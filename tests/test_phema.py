@@ -109,3 +109,13 @@ def test_command_refuses_a_length_it_cannot_reconstruct(tmp_path, capsys):
     assert "no power-EMA snapshots" in capsys.readouterr().err
     assert main([f"run.dir={tmp_path}", "std=0.1", "images=100"]) == 2
     assert "not a snapshot time" in capsys.readouterr().err
+
+
+def test_command_help_lists_its_keys_and_a_missing_key_is_one_line(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and all(k in out for k in ("run.dir", "std", "out", "images", "tol"))
+    assert main(["std=0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing run.dir=" in err

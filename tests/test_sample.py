@@ -224,6 +224,8 @@ BAD = {
     "nothing to do": (["format=none"], "nothing to write or score"),
     "missing inception weights": (["score=fid_inception", "inception_weights={missing}"], "does not exist"),
     "stats of another feature": (["score=fid_inception", "stats={pixel_stats}"], "holds 'pixels' features"),
+    "stats not ours": (["score=fd_pixels", "stats={corrupt}"], "corrupt.ckpt is not a statistics file of this package"),
+    "stats not a torch file": (["score=fd_pixels", "stats={other_range}"], "(UnpicklingError in torch.load"),
 }
 
 

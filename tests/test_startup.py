@@ -48,3 +48,19 @@ def test_sample_help_lists_every_schedule():
     from evodiff_pl.schedules.grids import SCHEDULES
 
     assert all(name in usage() for name in SCHEDULES)
+
+
+def test_console_scripts_take_the_stop_signals_like_the_entry_scripts():
+    import importlib
+    import re
+
+    text = (ROOT / "pyproject.toml").read_text()
+    scripts = dict(re.findall(r'^(evodiff-[\w-]+) = "([\w.:]+)"$', text.split("[project.scripts]")[1], re.M))
+    assert scripts["evodiff-train"] == "evodiff_pl.entry:train"
+    assert scripts["evodiff-sample"] == "evodiff_pl.entry:sample"
+    assert {"evodiff-phema", "evodiff-export", "evodiff-fid"} <= set(scripts)
+    for target in scripts.values():
+        module, name = target.split(":")
+        assert callable(getattr(importlib.import_module(module), name))
+    for script in ("train.py", "sample.py"):
+        assert "from evodiff_pl.entry import" in (ROOT / script).read_text()

@@ -55,6 +55,28 @@ def test_wrong_type_or_value_names_key(override, key):
         load_config(DIGITS, [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("entropic.n_bins=1", r"entropic\.n_bins must be >= 2"),
+    ("model.sigma_max=inf", r"model\.sigma_max must be finite and > 0, got inf"),
+    ("model.sigma_data=nan", r"model\.sigma_data must be finite and > 0"),
+    ("optim.betas=[1.5,0.9]", r"optim\.betas must be 2 values in \[0, 1\)"),
+    ("optim.eps=-1", r"optim\.eps must be finite and >= 0"),
+    ("run.seed=-1", r"run\.seed must be in \[0, 4294967295\]"),
+])
+def test_values_that_would_fail_later_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(GMM, [override])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["dim", "n_components", "num_train"])
+def test_an_empty_mixture_or_training_set_is_refused(key):
+    from evodiff_pl.data.datasets import DataError, GMMDataModule
+
+    with pytest.raises(DataError, match=f"^{key} must be >= 1, got 0$"):
+        GMMDataModule(**{key: 0})
+
+
 def test_unknown_key_in_yaml_names_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(GMM.read_text().replace("  every_steps: 500", "  every_step: 500"))

@@ -179,3 +179,42 @@ def test_progress_bar_counts_steps_to_the_total_from_the_resumed_step(tmp_path, 
     result = train_in_process(GMM, tiny_gmm(run_dir, "trainer.progress_bar=true"))  # resumes to 6
     bar = next(c for c in result.trainer.callbacks if isinstance(c, StepProgressBar)).train_progress_bar
     assert (bar.initial, bar.n, bar.total) == (3, 6, 6)
+
+
+def test_the_plain_progress_rate_leaves_out_validation_time(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from evodiff_pl.training import loggers
+
+    clock = iter([0.0, 10.0, 70.0, 80.0])  # train start; validation 10 s .. 70 s; the line at 80 s
+    monkeypatch.setattr(loggers, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    trainer = SimpleNamespace(global_step=0, max_steps=4, is_global_zero=True, progress_bar_metrics={})
+    module = SimpleNamespace(images_seen=0, batches_seen=0)
+    bar = loggers.PlainProgress(every=2)
+    bar.on_train_start(trainer, module)
+    bar.on_validation_start(trainer, module)
+    bar.on_validation_end(trainer, module)
+    trainer.global_step, module.images_seen, module.batches_seen = 2, 400, 2
+    bar.on_train_batch_end(trainer, module)
+    assert capsys.readouterr().out.strip() == "step 2/4 | 0.4 kimg | 20 img/s | ETA 0m20s"  # 400 images in 20 s
+
+
+def test_quiet_lightning_drops_the_tips_and_two_warnings_and_keeps_the_rest(caplog):
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from evodiff_pl.training.quiet import quiet_lightning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("It is recommended to use `self.log('val/x', ..., sync_dist=True)` when logging on epoch level "
+                      "in distributed setting to accumulate the metric across devices.")
+        warnings.warn("our own warning")
+        with caplog.at_level(logging.INFO):
+            rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing litlogger")
+            rank_zero_info("step 1/4 | 0.1 kimg")
+    assert [str(w.message) for w in caught] == ["our own warning"]
+    assert "Tip" not in caplog.text and "step 1/4 | 0.1 kimg" in caplog.text

@@ -10,6 +10,7 @@ from train_utils import EVERY_STEP, GMM, assert_equal, assert_same_run, load, ti
 
 from evodiff_pl.io.checkpointing import CheckpointError, export_weights, newest_checkpoint
 from evodiff_pl.io.denoiser import load_denoiser
+from evodiff_pl.io.export import main as export_main
 from evodiff_pl.schedules.entropic import EntropicSchedule
 
 RESUME = ("model.net.dropout=0.1",)
@@ -74,6 +75,16 @@ def test_exported_weights_sample_like_the_checkpoint(runs, tmp_path):
         load_denoiser(out, ema=False)
     raw = load_denoiser(export_weights(full, tmp_path / "raw.ckpt", ema=False), ema=False)
     assert_equal(raw.denoiser.state_dict(), load_denoiser(full, ema=False).denoiser.state_dict())
+
+
+def test_export_command_writes_the_copy_and_refuses_a_missing_source_in_one_line(runs, tmp_path, capsys):
+    full, *_ = runs
+    assert export_main([str(full), str(tmp_path / "raw.ckpt"), "--raw"]) == 0
+    assert_equal(load_denoiser(tmp_path / "raw.ckpt", ema=False).denoiser.state_dict(),
+                 load_denoiser(full, ema=False).denoiser.state_dict())
+    assert export_main([str(tmp_path / "missing"), str(tmp_path / "x.ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: checkpoint") and "does not exist" in err
 
 
 def test_newest_of_last_and_hpc_checkpoint(runs, tmp_path):

@@ -16,6 +16,7 @@ from evodiff_pl.networks import build_network
 from evodiff_pl.networks.precond import build_precond
 from evodiff_pl.training.losses import EDMLoss
 from evodiff_pl.training.module import EDMModule
+from evodiff_pl.training.datamodule import as_lightning
 from evodiff_pl.training.run import build
 from evodiff_pl.training.transfer import init_from
 from evodiff_pl.training.datamodule import as_lightning

@@ -21,7 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from evodiff_pl.config.keys import (ConfigError, check_kwargs, constructor_keys, did_you_mean, key_docs, signature_params,
+from evodiff_pl.config.checks import check_values
+from evodiff_pl.config.keys import (ConfigError, check_kwargs, constructor_keys, key_docs, signature_params,
                              suggest)
 
 
@@ -66,9 +67,9 @@ class ModelConfig:
     """Upper end of the noise range."""
     init: Optional[str] = None
     """Start from this network file's weights and EMA (a train.py checkpoint or run directory, an exported checkpoint,
-    an NVlabs edm/edm2 .pkl; `evodiff_pl.training.transfer`): fresh optimizer, tracker and image count, our
-    checkpoints' schedule as the starting one. The network settings must build the file's architecture. Read only
-    when the run starts; a resumed run continues from its own checkpoint."""
+    an NVlabs edm/edm2 .pkl, or its http(s) URL; `evodiff_pl.training.transfer`): fresh optimizer, tracker and image
+    count, our checkpoints' schedule as the starting one. The network settings must build the file's architecture.
+    Read only when the run starts; a resumed run continues from its own checkpoint."""
 
 
 @dataclass
@@ -235,27 +236,6 @@ class Config:
     defaults to run.dir)."""
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "run.resume": ("auto", "never"),
-    "entropic.kind": ("rescaled_entropic", "entropic"),
-    "entropic.source": ("ema_eval", "train_loss"),
-    "loss.kind": ("edm", "edm2"),
-    "optim.schedule": ("edm", "edm2"),
-    "ema.kind": ("edm", "power"),
-    "logger.kind": ("wandb", "csv", "tensorboard", "none"),
-    "logger.mode": ("auto", "online", "offline", "disabled"),
-    "trainer.precision": ("32-true", "bf16-mixed", "16-mixed", "64-true"),
-}
-"""Keys restricted to a set of values (run.resume also accepts a checkpoint path)."""
-
-POSITIVE: tuple[str, ...] = (
-    "model.sigma_data", "model.sigma_min", "model.sigma_max", "loss.P_std", "optim.lr", "ema.halflife_images",
-    "train.total_images", "entropic.n_bins", "entropic.update_every_steps", "entropic.plot_nfe",
-    "checkpoint.every_steps", "logger.log_every_steps", "trainer.num_nodes", "trainer.val_every_steps",
-)
-"""Keys that must be > 0."""
-
-
 def _raise_from_omegaconf(err: OmegaConfBaseException, source: str) -> typing.NoReturn:
     first_line = str(err).splitlines()[0]
     key = err.full_key or err.key
@@ -265,41 +245,6 @@ def _raise_from_omegaconf(err: OmegaConfBaseException, source: str) -> typing.No
         valid = list(OmegaConf.select(node, parent).keys()) if parent else list(node.keys())
         raise ConfigError(f"unknown key {key} in {source}{suggest(str(err.key), valid)}") from None
     raise ConfigError(f"invalid value for {key} in {source}: {first_line}") from None
-
-
-def _check_values(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if key == "run.resume" and value not in allowed:
-            continue
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}")
-    for key in POSITIVE:
-        if not OmegaConf.select(cfg, key) > 0:
-            raise ConfigError(f"{key} must be > 0, got {OmegaConf.select(cfg, key)}")
-    if not cfg.model.sigma_min < cfg.model.sigma_max:
-        raise ConfigError(f"model.sigma_min={cfg.model.sigma_min} must be < model.sigma_max={cfg.model.sigma_max}")
-    for key in ("entropic.ema_decay", "entropic.eval_fraction"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not 0 < value <= 1:
-            raise ConfigError(f"{key} must be in (0, 1], got {value}")
-    if cfg.optim.ref_images < 0 or cfg.ema.snapshot_every_images < 0:
-        raise ConfigError("optim.ref_images and ema.snapshot_every_images must be >= 0")
-    if cfg.ema.kind == "power":
-        from evodiff_pl.training.phema import MAX_STD
-
-        bad = [s for s in cfg.ema.stds if not 0 < s < MAX_STD]
-        if not cfg.ema.stds or bad:
-            raise ConfigError(f"ema.stds={list(cfg.ema.stds)} must be a non-empty list of values in (0, {MAX_STD:.4f})")
-    elif cfg.ema.snapshot_every_images:
-        raise ConfigError("ema.snapshot_every_images needs ema.kind=power (snapshots of the power-function profiles)")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas must have 2 values, got {list(cfg.optim.betas)}")
-    if cfg.train.max_nonfinite_steps < 0 or cfg.checkpoint.keep_every_steps < 0:
-        raise ConfigError("train.max_nonfinite_steps and checkpoint.keep_every_steps must be >= 0")
-    devices = cfg.trainer.devices
-    if not (devices == "auto" or isinstance(devices, int) and devices != 0 or OmegaConf.is_list(devices)):
-        raise ConfigError(f"trainer.devices={devices!r} must be auto, a nonzero int or a list of device ids")
 
 
 def check_forwarded(cfg: DictConfig) -> None:
@@ -396,7 +341,7 @@ def load_config(path: str | Path | typing.Sequence[str | Path] | None = None,
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         _raise_from_omegaconf(err, "the command line")
-    _check_values(cfg)
+    check_values(cfg)
     check_forwarded(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

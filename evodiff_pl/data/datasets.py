@@ -14,11 +14,8 @@ from urllib.error import URLError
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import download_and_extract_archive
 
 from evodiff_pl.data.image_files import DataError, DatasetNotFoundError, ImageFiles, ImageFilesDataset
 from evodiff_pl.data.stream import DiffusionDataModule, ImageDataModule
@@ -31,6 +28,13 @@ __all__ = ["CIFAR10DataModule", "DATASETS", "DataError", "DatasetNotFoundError",
 
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def download_and_extract_archive(url: str, download_root: str, filename: str, md5: str) -> None:
+    """torchvision's `download_and_extract_archive`, imported on first use (torchvision takes seconds to import)."""
+    from torchvision.datasets.utils import download_and_extract_archive as download
+
+    download(url, download_root, filename=filename, md5=md5)
 
 
 def default_data_root() -> Path:
@@ -71,6 +75,8 @@ class DigitsDataModule(ImageDataModule):
         self.num_classes = 10 if conditional else 0
 
     def _load(self) -> Dataset:
+        from sklearn.datasets import load_digits  # 2 s of imports, only when the digits are read
+
         digits = load_digits()
         x = torch.from_numpy(digits.images / 16 * 2 - 1).to(torch.float32)[:, None]
         labels = torch.from_numpy(digits.target).to(torch.int64)
@@ -131,6 +137,8 @@ class CIFAR10DataModule(ImageDataModule):
         folder = self.root / _CIFAR_DIR
         if all((folder / f).is_file() for f in _CIFAR_TRAIN_FILES):
             return folder
+        from torchvision.datasets import CIFAR10  # 3 s of imports, only when the files are missing
+
         reason = "download disabled (data.download=false)"
         if self.download:
             try:
@@ -244,6 +252,9 @@ class GMMDataModule(DiffusionDataModule):
             **kwargs: `DiffusionDataModule` options.
         """
         super().__init__(**kwargs)
+        for key, value in (("dim", dim), ("n_components", n_components), ("num_train", num_train)):
+            if not value >= 1:
+                raise DataError(f"{key} must be >= 1, got {value}")
         self.mixture = GaussianMixture.default(dim=dim, n_components=n_components, seed=mixture_seed)
         self.mixture_seed = mixture_seed
         self.num_train = num_train

@@ -22,6 +22,8 @@ from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LABELS_FILE = "dataset.json"
+MAX_CLASSES = 100_000
+"""Class indices in dataset.json must be below this (num_classes = largest index + 1 sizes the label input)."""
 """edm's label file at the top of a dataset folder or zip."""
 
 
@@ -97,6 +99,9 @@ class ImageFiles:
         bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
         if bad is not None:
             raise DataError(f"{where}: labels must be class indices (integers >= 0), got {bad!r}")
+        if max(values, default=0) >= MAX_CLASSES:
+            raise DataError(f"{where}: class index {max(values)} is too large (at most {MAX_CLASSES - 1}: the number "
+                            "of classes is the largest index + 1)")
         return values
 
 
@@ -117,7 +122,8 @@ class ImageFilesDataset(Dataset):
         try:
             with Image.open(io.BytesIO(self.files.read(name))) as img:
                 img = img.convert(self.mode)
-        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as err:  # truncated, corrupt or not an image
+        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as err:
+            # truncated, corrupt, not an image, or more pixels than PIL's limit (Image.MAX_IMAGE_PIXELS)
             where = f"{name} in {self.files.root}" if self.files.is_zip else self.files.root / name
             raise DataError(f"cannot read image {where}: {err}") from None
         w, h = img.size

@@ -33,6 +33,7 @@ except ImportError:  # numpy < 2
     from numpy.core.multiarray import scalar as _np_scalar
 
 from evodiff_pl.io.checkpointing import CheckpointError, LoadedCheckpoint
+from evodiff_pl.io.fit import build_checked
 from evodiff_pl.networks import build_network
 from evodiff_pl.networks.precond import build_precond
 
@@ -202,15 +203,11 @@ def _flat_state(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
             raise NVlabsPickleError(f"module {prefix}{name} is a {type(child).__name__}")
 
 
-def _load_weights(denoiser: torch.nn.Module, record: PersistentRecord, backbone: str, what: str) -> None:
-    """The record's weights into our denoiser, NVlabs' backbone attribute (`model.`, `unet.`) read as `backbone.`."""
+def _weights(record: PersistentRecord, backbone: str) -> dict[str, torch.Tensor]:
+    """The record's weights by our names: NVlabs' backbone attribute (`model.`, `unet.`) read as `backbone.`."""
     state: dict[str, torch.Tensor] = {}
     _flat_state(record, "", state)
-    state = {("backbone." + k[len(backbone):] if k.startswith(backbone) else k): v for k, v in state.items()}
-    missing, unexpected = denoiser.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise NVlabsPickleError(f"the weights of {what} do not fit (missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]})")
+    return {("backbone." + k[len(backbone):] if k.startswith(backbone) else k): v for k, v in state.items()}
 
 
 def build_from_record(record: PersistentRecord) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -233,11 +230,11 @@ def build_from_record(record: PersistentRecord) -> tuple[torch.nn.Module, dict[s
     net_kwargs = dict(img_resolution=res, in_channels=channels, out_channels=out_channels, label_dim=label_dim,
                       **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})
     try:
-        backbone = build_network(NETWORKS[model_type], **net_kwargs)
-        denoiser = build_precond(PRECONDS[cls], backbone, **precond_kwargs)
+        denoiser = build_checked(lambda: build_network(NETWORKS[model_type], **net_kwargs),
+                                 lambda net: build_precond(PRECONDS[cls], net, **precond_kwargs),
+                                 _weights(record, "model."), f"{cls}({model_type})")
     except (TypeError, ValueError) as err:
         raise NVlabsPickleError(f"{cls}({model_type}) with init kwargs {sorted(record.init_kwargs)}: {err}") from None
-    _load_weights(denoiser, record, "model.", f"{cls}({model_type})")
     lo, hi = sigma_range if sigma_range is not None else (denoiser.sigma_min, denoiser.sigma_max)
     meta = {
         "format": "nvlabs-edm-pickle",
@@ -292,10 +289,11 @@ def build_edm2(record: PersistentRecord, encoder: Any = None) -> tuple[torch.nn.
     net_kwargs = dict(img_resolution=res, in_channels=channels, out_channels=channels, label_dim=label_dim,
                       **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})
     try:
-        denoiser = build_precond("edm2", build_network("edm2unet", **net_kwargs), **precond_kwargs)
+        denoiser = build_checked(lambda: build_network("edm2unet", **net_kwargs),
+                                 lambda net: build_precond("edm2", net, **precond_kwargs),
+                                 _weights(record, "unet."), "edm2's Precond(UNet)")
     except (TypeError, ValueError) as err:
         raise NVlabsPickleError(f"edm2's Precond with init kwargs {sorted(record.init_kwargs)}: {err}") from None
-    _load_weights(denoiser, record, "unet.", "edm2's Precond(UNet)")
     meta = {
         "format": "nvlabs-edm2-pickle",
         "network": {"name": "edm2unet", "kwargs": net_kwargs},
@@ -319,7 +317,7 @@ def load_nvlabs_pickle(path: str | Path, *, map_location: str | torch.device = "
             denoiser, meta = build_edm2(record, data.get("encoder"))
         else:
             denoiser, meta = build_from_record(record)
-    except NVlabsPickleError as err:
+    except CheckpointError as err:  # NVlabsPickleError, or build_checked's refusal
         raise NVlabsPickleError(f"{path}: {err}") from None
     return LoadedCheckpoint(denoiser.to(map_location), None, meta, path)
 

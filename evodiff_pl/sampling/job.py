@@ -23,6 +23,7 @@ from evodiff_pl.data.datasets import DatasetNotFoundError, build_from_config
 from evodiff_pl.data.stream import DiffusionDataModule
 from evodiff_pl.utils.dist import all_reduce, world
 from evodiff_pl.utils.fileio import atomic_write_text
+from evodiff_pl.utils.downloads import is_url
 from evodiff_pl.utils.stop import stoppable
 from evodiff_pl.sampling.generate import generate, rank_indices
 from evodiff_pl.sampling.guidance import guide_of, guided
@@ -82,8 +83,10 @@ def reference_stats(path: str, feature: str, kid: bool = False) -> dict[str, Any
             raise SampleError(f"score with {feature} features: {err}") from None
     try:
         stats = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SampleError(f"stats file {path} is unreadable: {type(err).__name__}: {err}") from None
+    except Exception as err:  # torch's message advises weights_only=False over several lines: not for a stats file
+        raise SampleError(f"stats file {path} is not a statistics file of this package ({type(err).__name__} in "
+                          "torch.load(weights_only=True)): pass one that sample.py or train.py wrote (stats_dir), or "
+                          "an .npz of mu and sigma for inception/dinov2 scores") from None
     keys = {"features"} if kid else {"sum", "outer_sum", "count"}
     if not isinstance(stats, dict) or not keys <= set(stats):
         raise SampleError(f"stats file {path} holds no reference statistics ({', '.join(sorted(keys))})")
@@ -202,7 +205,7 @@ def build(cfg: SampleConfig) -> SamplingJob:
     shape = decoder.image_shape(shape) if decoder is not None else shape
     formats = output_formats(cfg.format, len(shape) == 3, cfg.score != "none")
     score, seeds = build_score(cfg, loaded, device, shape)
-    outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path)
+    outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path, is_url(cfg.ckpt))
     if world()[0] == 0:
         check_writable(outdir)
     return SamplingJob(cfg, loaded, device, rows, seeds, score, outdir, formats, decoder, gnet)

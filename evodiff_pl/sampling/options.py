@@ -30,7 +30,8 @@ class SampleError(ValueError):
 class SampleConfig:
     ckpt: Optional[str] = None
     """Required: a train.py run directory (its newest checkpoint), a .ckpt file or an NVlabs edm/edm2 network
-    pickle (.pkl: edm-*.pkl, edm2-img*.pkl or network-snapshot-*.pkl; read without running its code)."""
+    pickle (.pkl: edm-*.pkl, edm2-img*.pkl or network-snapshot-*.pkl; read without running its code), or the
+    http(s) URL of a file (downloaded once to ~/.cache/evodiff-pl/downloads, or $EVODIFF_DOWNLOADS)."""
     ema: bool = True
     """Sample the EMA weights; false: the raw trained weights."""
     solver: str = "evodiff_consistent"

@@ -41,8 +41,11 @@ def check_writable(folder: Path) -> None:
         raise SampleError(f"outdir {folder} is not writable ({err.strerror or err}): choose another outdir=") from None
 
 
-def default_outdir(ckpt: Path) -> Path:
-    """<run dir>/samples for <run dir>/checkpoints/<file>.ckpt, else samples/ beside the file."""
+def default_outdir(ckpt: Path, downloaded: bool = False) -> Path:
+    """<run dir>/samples for <run dir>/checkpoints/<file>.ckpt, samples/<file name> in the working folder for a file
+    downloaded from a URL, else samples/ beside the file."""
+    if downloaded:
+        return Path("samples") / ckpt.stem
     folder = ckpt.parent
     return (folder.parent if folder.name == "checkpoints" else folder) / "samples"
 

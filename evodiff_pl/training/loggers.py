@@ -341,14 +341,16 @@ def _duration(seconds: float) -> str:
 
 class PlainProgress(ProgressBar):
     """Progress for logs that are not terminals: every `every` batches (and at the end) rank 0 prints one line,
-    `step 1200/390625 | 614.4 kimg | 2310 img/s | loss 0.0312 | ETA 46h58m`, with the rate and ETA of this launch.
-    The loss is the last logged one (`logger.log_every_steps`)."""
+    `step 1200/390625 | 614.4 kimg | 2310 img/s | loss 0.0312 | ETA 46h58m`, with the training rate and ETA of this
+    launch (the time spent in validation excluded). The loss is the last logged one (`logger.log_every_steps`)."""
 
     def __init__(self, every: int) -> None:
         super().__init__()
         self.every = every
         self._enabled = True
         self._start: tuple[float, int, int] | None = None
+        self._validation = (0.0, 0.0)
+        """(seconds spent in validation so far, start of the one running)."""
 
     def disable(self) -> None:
         self._enabled = False
@@ -358,13 +360,21 @@ class PlainProgress(ProgressBar):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = (time.perf_counter(), trainer.global_step, int(pl_module.images_seen))
+        self._validation = (0.0, 0.0)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validation = (self._validation[0], time.perf_counter())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        spent, start = self._validation
+        self._validation = (spent + time.perf_counter() - start, 0.0)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step, last = trainer.global_step, trainer.global_step >= trainer.max_steps
         if not (self._enabled and trainer.is_global_zero and self._start) or (pl_module.batches_seen % self.every
                                                                               and not last):
             return
-        elapsed = max(time.perf_counter() - self._start[0], 1e-9)
+        elapsed = max(time.perf_counter() - self._start[0] - self._validation[0], 1e-9)
         steps_per_s = (step - self._start[1]) / elapsed
         parts = [f"step {step}/{trainer.max_steps}", f"{pl_module.images_seen / 1000:.1f} kimg",
                  f"{(pl_module.images_seen - self._start[2]) / elapsed:.0f} img/s"]

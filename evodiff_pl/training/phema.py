@@ -14,6 +14,7 @@ writes a sampling checkpoint (`sample.py ckpt=PATH` reads it) holding the recons
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import re
@@ -203,15 +204,36 @@ def reconstructable_stds(times: Sequence[float], stds: Sequence[float], time: fl
     return (float(min(good)), float(max(good))) if good else None
 
 
+_KEYS = {"run.dir": "the train.py run directory (required)", "std": "the wanted sigma_rel, 0 < std < 0.2887 (required)",
+         "out": "the checkpoint to write (default RUN/phema/phema-IMAGES-STD.ckpt)",
+         "images": "the snapshot time in images (default: the newest)",
+         "tol": "largest relative L2 error of the reconstructed profile (default 0.05)"}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of `main`: KEY=VALUE settings, the keys of `_KEYS`."""
+    p = argparse.ArgumentParser(prog="python -m evodiff_pl.training.phema",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Reconstruct a post-hoc power-function EMA of another length from a run's "
+                                            "snapshots and write it as a sampling checkpoint (sample.py ckpt=OUT).",
+                                epilog="keys:\n" + "\n".join(f"  {k:<9} {v}" for k, v in _KEYS.items()))
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="run.dir=RUN std=S [out=PATH] [images=N] [tol=T]")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m evodiff_pl.training.phema run.dir=RUN std=S [out=PATH] [images=N] [tol=T]`; 0 on success, 2 on bad input."""
+    """`python -m evodiff_pl.training.phema run.dir=RUN std=S [out=PATH] [images=N] [tol=T]` (console script
+    `evodiff-phema`); 0 on success, 2 on bad input (one line)."""
     from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, write_checkpoint
 
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
-    unknown = sorted(set(args) - {"run.dir", "std", "out", "images", "tol"})
-    if unknown or "run.dir" not in args or "std" not in args:
-        print("error: usage: python -m evodiff_pl.training.phema run.dir=RUN std=S [out=PATH] [images=N] [tol=T]"
-              + (f" (unknown key {unknown[0]})" if unknown else ""), file=sys.stderr)
+    settings = parser().parse_args(argv).settings
+    args = dict(a.split("=", 1) for a in settings if "=" in a)
+    unknown = sorted(set(args) - set(_KEYS)) + [a for a in settings if "=" not in a]
+    missing = [k for k in ("run.dir", "std") if k not in args]
+    if unknown or missing:
+        problem = f"unknown setting {unknown[0]!r}" if unknown else f"missing {missing[0]}=..."
+        print(f"error: {problem}; usage: python -m evodiff_pl.training.phema run.dir=RUN std=S [out=PATH] [images=N] "
+              "[tol=T] (--help lists the keys)", file=sys.stderr)
         return 2
     try:
         std = float(args["std"])

@@ -34,6 +34,7 @@ from evodiff_pl.data.stream import DiffusionDataModule
 from evodiff_pl.training.datamodule import as_lightning
 from evodiff_pl.utils.fileio import atomic_write_text, remove_stale_temps
 from evodiff_pl.evaluation.callback import SampleQualityCallback
+from evodiff_pl.training.quiet import quiet_lightning
 from evodiff_pl.training.loggers import (PlainProgress, ScheduleArtifacts, StepProgressBar, build_logger, finish_wandb,
                                 is_terminal, use_kimg_axis)
 from evodiff_pl.config.keys import signature_params
@@ -226,6 +227,7 @@ def run(cfg: DictConfig) -> TrainingRun:
     if any; a run that finished training but not its final evaluation only evaluates. The finished run's
     last.ckpt is marked completed. A stop signal raises `Stopped` (naming the checkpoint of the last whole step)."""
     STOP.install()
+    quiet_lightning()
     lock = RunLock(cfg.run.dir)
     training = None
     try:

@@ -16,16 +16,17 @@ from typing import Any
 import torch
 
 from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, CheckpointError, locate_checkpoint, read_checkpoint
+from evodiff_pl.io.denoiser import local_file
+from evodiff_pl.io.fit import fit_problems
 from evodiff_pl.io.nvlabs import load_nvlabs_pickle
 from evodiff_pl.networks.songunet import upgrade_v1_songunet
 from evodiff_pl.schedules.entropic import EntropicSchedule
 
-SHOWN = 3
-"""Mismatched keys named in the error, per kind of mismatch."""
-
 
 def read_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(raw weights, EMA weights, metadata) of a network file, keys as in `EDMPrecond.state_dict()`."""
+    """(raw weights, EMA weights, metadata) of a network file (or its http(s) URL), keys as in
+    `EDMPrecond.state_dict()`."""
+    path = local_file(path)
     if Path(path).suffix == ".pkl":
         loaded = load_nvlabs_pickle(path)
         state = loaded.denoiser.state_dict()
@@ -42,15 +43,9 @@ def read_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
 def check_fits(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], path: str | Path,
                meta: dict[str, Any]) -> None:
     """CheckpointError naming the first missing, unexpected and differently shaped keys of `source` vs `target`."""
-    missing = [k for k in target if k not in source]
-    unexpected = [k for k in source if k not in target]
-    shapes = [f"{k} {tuple(source[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
-              if k in source and source[k].shape != v.shape]
-    if not (missing or unexpected or shapes):
+    parts = fit_problems(target, source)
+    if not parts:
         return
-    parts = [f"{what} {', '.join(keys[:SHOWN])}{' ...' if len(keys) > SHOWN else ''}"
-             for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape (file vs config)", shapes))
-             if keys]
     network = meta.get("network") or {}
     raise CheckpointError(f"model.init={path} does not fit the configured network ({'; '.join(parts)}); the file's "
                           f"network: model.network={network.get('name')} model.net={network.get('kwargs')}")

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.utils import save_image
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -32,6 +31,8 @@ def save_grid(images_uint8: Tensor, path: str | Path, nrow: int | None = None, s
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or math.ceil(math.sqrt(len(images_uint8)))
     images_uint8 = images_uint8.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    from torchvision.utils import save_image  # 3 s of imports, only when a grid is written
+
     # k / 255 * 255 + 0.5 truncates back to k in save_image: the PNG holds the uint8 values exactly.
     save_image(images_uint8.float() / 255, path, nrow=nrow)
     return path
