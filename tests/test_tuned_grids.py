@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from evodiff_pl.schedules.grids import get_sigmas
 from evodiff_pl.sampling.grid_tuning import TUNE_SEED, tune_grids, tuning_noise
 from evodiff_pl.schedules.tuned import TunedGrids, tuned_grids_path
 from evodiff_pl.toy import GaussianMixture
+from evodiff_pl.utils.stop import STOP, Stopped
 
 GRID = [80.0, 3.0, 1.0, 0.4, 0.1, 0.002]
 
@@ -53,6 +55,22 @@ def _tune(previous: TunedGrids | None = None) -> TunedGrids:
     return tune_grids([("dpmpp_2m", 5), ("unipc", 4)], gm, x_T.double(),
                       lambda s, n: get_sigmas("logsnr", n), previous=previous, objective="rmse", max_evals=12,
                       reference_steps=20)
+
+
+def test_a_stop_signal_abandons_the_grid_being_tuned_at_the_next_denoiser_call(monkeypatch):
+    gm, calls = GaussianMixture.default(), []
+
+    def denoiser(x, sigma):
+        calls.append(1)
+        if len(calls) == 30:
+            monkeypatch.setattr(STOP, "received", signal.SIGUSR1)  # what the handler records
+        return gm(x, sigma)
+
+    x_T, _ = tuning_noise(12, (gm.dim,), 80.0)
+    with pytest.raises(Stopped, match="during the schedule tuning"):
+        tune_grids([("dpmpp_2m", 5), ("unipc", 4)], denoiser, x_T.double(), lambda s, n: get_sigmas("logsnr", n),
+                   objective="rmse", max_evals=12, reference_steps=20)
+    assert len(calls) == 30  # not one more network call after the signal
 
 
 def test_tuning_is_deterministic_and_warm_starts():

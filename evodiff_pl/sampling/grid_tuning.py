@@ -16,7 +16,7 @@ from evodiff_pl.schedules.grids import LearnedSchedule, get_sigmas
 from evodiff_pl.schedules.tuned import TunedGrids
 from evodiff_pl.tuning import OBJECTIVES, reference_solution, tune_sigmas
 from evodiff_pl.utils.dist import world
-from evodiff_pl.utils.stop import stoppable
+from evodiff_pl.utils.stop import STOP, raise_if_stopped, stoppable
 
 TUNE_SEED = 1 << 31
 """Base seed of the tuning noises: tuning sample j draws from seed TUNE_SEED + j, never a scoring seed (seed + j
@@ -37,6 +37,10 @@ def tuning_noise(n: int, shape: tuple[int, ...], sigma_max: float, num_classes: 
     return (sigma_max * noise).to(device), None if labels is None else labels.to(device)
 
 
+class _Abandoned(Exception):
+    """A stop signal reached this rank while it tuned a grid."""
+
+
 def tune_grids(
     wanted: Sequence[tuple[str, int]],
     denoiser: Callable[..., Tensor],
@@ -50,8 +54,10 @@ def tune_grids(
     reference_steps: int = 200,
     source: dict[str, Any] | None = None,
 ) -> TunedGrids:
-    """Tune every (solver, NFE) of `wanted` (call on every rank: rank r tunes wanted[r::world], all gather;
-    `evodiff_pl.utils.stop.Stopped` between two grids after a stop signal).
+    """Tune every (solver, NFE) of `wanted` (call on every rank: rank r tunes wanted[r::world], all gather).
+
+    A stop signal abandons the grid a signalled rank is tuning at its next denoiser call; the ranks then raise
+    `evodiff_pl.utils.stop.Stopped` together (before the next grid or at the end), returning nothing half-tuned.
 
     Each starts from `previous`'s grid when it has one with `start`'s ends, else from `start(solver, nfe)` (e.g.
     the learned rescaled entropic grid); `denoiser` is D(x, sigma[, labels]); x_T from `tuning_noise`.
@@ -59,20 +65,27 @@ def tune_grids(
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown tuning objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     rank, world_size = world()
-    fn = denoiser if labels is None else (lambda x, sigma: denoiser(x, sigma, labels))
+    def fn(x: Tensor, sigma: Tensor) -> Tensor:
+        if STOP.received:
+            raise _Abandoned
+        return denoiser(x, sigma) if labels is None else denoiser(x, sigma, labels)
+
     mine: dict[str, list[float]] = {}
     reference = None
     with torch.no_grad():
-        # a stop signal (SIGUSR1/SIGTERM) is acted on between grids, on every rank together; nothing is returned then
         for solver, count in stoppable(list(wanted)[rank::world_size], "the schedule tuning"):
             first = start(solver, count)
             warm = None if previous is None else previous.get(solver, count)
             fits = warm is not None and warm.numel() == first.numel() and bool((warm[[0, -1]] == first[[0, -1]]).all())
-            if reference is None:
-                reference = reference_solution(fn, x_T, first[0].item(), first[-1].item(), steps=reference_steps)
-            grid = tune_sigmas(solver, fn, x_T, warm if fits else first, reference=reference, objective=objective,
-                               nfe=count, max_evals=max_evals)
+            try:
+                if reference is None:
+                    reference = reference_solution(fn, x_T, first[0].item(), first[-1].item(), steps=reference_steps)
+                grid = tune_sigmas(solver, fn, x_T, warm if fits else first, reference=reference,
+                                   objective=objective, nfe=count, max_evals=max_evals)
+            except _Abandoned:
+                continue  # the next check (collective) stops every rank
             mine[f"{solver}/{count}"] = grid.tolist()
+    raise_if_stopped("the schedule tuning")
     if world_size > 1:
         shares: list[Any] = [None] * world_size
         dist.all_gather_object(shares, mine)
