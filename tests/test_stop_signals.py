@@ -13,14 +13,22 @@ import time
 from pathlib import Path
 
 import pytest
-from train_utils import GMM, PYTHON, ROOT, assert_whole_step, load, tiny_gmm, train_in_process
+import torch
+from torch import nn
+from train_utils import GMM, PYTHON, ROOT, assert_equal, assert_whole_step, load, tiny_gmm, train_in_process
 
 import evodiff_pl.training.run as run_module
+from evodiff_pl.config.schema import load_config
+from evodiff_pl.data.datasets import build_from_config
 from evodiff_pl.evaluation.callback import SampleQualityCallback
+from evodiff_pl.evaluation.metrics import FrechetScore, PixelFeatures
 from evodiff_pl.sampling import cli as sample_cli
+from evodiff_pl.sampling import estimate as sample_estimate
 from evodiff_pl.sampling import job as sample_job
 from evodiff_pl.training.module import EDMModule
 from evodiff_pl.training.cli import main
+from evodiff_pl.training.phema import main as phema_main
+from evodiff_pl.training.phema import save_snapshot
 from evodiff_pl.utils.stop import STOP
 
 STOP_LIMIT_S = 10.0
@@ -146,6 +154,79 @@ def test_a_signal_during_a_sweep_stops_without_writing_the_setting(tmp_path, mon
     assert len(calls) == 3 and not STOP.received
 
 
+def test_a_signal_during_the_reference_statistics_stops_and_the_rerun_computes_them(tmp_path, slurm, monkeypatch,
+                                                                                   capsys):
+    """A resumed run with a new statistics folder computes the reference statistics in set-up (1024 samples, batches
+    of 250); the signal in the third batch stops it before the fourth, keeps the checkpoint and writes no statistics;
+    the rerun computes them whole (the same as an uninterrupted computation's, bit for bit) and finishes."""
+    train_in_process(GMM, tiny_gmm(tmp_path / "run", "train.total_images=192"))
+    last, stats = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "stats"
+    before, original, calls = last.stat().st_mtime_ns, PixelFeatures.forward, []
+    overrides = tiny_gmm(tmp_path / "run", *EVAL, "evaluation.num_samples=16", f"evaluation.stats_dir={stats}")
+
+    def signal_in_the_third_batch(self, x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, x)
+
+    monkeypatch.setattr(PixelFeatures, "forward", signal_in_the_third_batch)
+    assert main(["--config", str(GMM), *overrides]) == 128 + signal.SIGUSR1
+    assert calls == [250] * 3 and last.stat().st_mtime_ns == before and not stats.exists()
+    err = capsys.readouterr().err
+    assert f"stopped by SIGUSR1 during the reference statistics; checkpoint {last} (step 3)" in err, err[-3000:]
+    assert slurm.read_text().split() == ["requeue", "4242"]
+    assert main(["--config", str(GMM), *overrides]) == 0
+    assert assert_whole_step(load(last)) == 6
+    cached, = stats.iterdir()
+    cfg = load_config(GMM, overrides)
+    whole = FrechetScore("pixels", num_samples=16, shape=(8,), stats_dir=tmp_path / "whole")
+    whole.prepare_real(build_from_config(cfg.data, cfg.run.seed))
+    assert_equal({k: load(cached)[k] for k in ("sum", "outer_sum", "count")}, whole.reference_statistics())
+    assert int(load(cached)["count"]) == 1024
+
+
+def test_a_signal_during_the_schedule_estimation_stops_it_before_the_next_batch(tmp_path, monkeypatch, capsys):
+    train_in_process(GMM, tiny_gmm(tmp_path / "run", "train.total_images=192"))
+    original, calls = sample_estimate.estimate_mmse, []
+
+    def estimate_with_a_signal(denoiser, *args, **kwargs):
+        def counted(*inputs):
+            calls.append(1)
+            if len(calls) == 3:  # the third of 4 batches of the first level
+                os.kill(os.getpid(), signal.SIGTERM)
+            return denoiser(*inputs)
+        return original(counted, *args, **kwargs)
+
+    monkeypatch.setattr(sample_estimate, "estimate_mmse", estimate_with_a_signal)
+    args = [f"ckpt={tmp_path / 'run'}", "estimate_schedule=true", "levels=4", "pairs=64", "batch=16",
+            f"outdir={tmp_path / 'out'}"]
+    assert sample_cli.main(args) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM during the schedule estimation" in capsys.readouterr().err
+    assert len(calls) == 3 and not (tmp_path / "out").exists() and not STOP.received
+
+
+def test_a_signal_during_the_phema_reconstruction_stops_it_before_the_next_snapshot(tmp_path, slurm, monkeypatch,
+                                                                                  capsys):
+    for images in (100, 200, 300):
+        for std in (0.05, 0.1):
+            save_snapshot(tmp_path, images, std, nn.Linear(2, 2), {})
+    original, loads = torch.load, []
+
+    def load_with_a_signal(*args, **kwargs):
+        loads.append(1)
+        if len(loads) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load_with_a_signal)
+    out = tmp_path / "out.ckpt"
+    assert phema_main([f"run.dir={tmp_path}", "std=0.07", "tol=1", f"out={out}"]) == 128 + signal.SIGUSR1
+    assert "stopped by SIGUSR1 during the post-hoc EMA reconstruction" in capsys.readouterr().err
+    assert len(loads) == 2 and not out.exists() and not STOP.received
+    assert slurm.read_text().split() == ["requeue", "4242"]
+
+
 def test_lightning_installs_no_signal_handler_of_its_own(tmp_path, monkeypatch):
     original, seen = EDMModule.training_step, []
 
@@ -263,3 +344,61 @@ def test_sigusr1_to_the_group_during_the_evaluation_stops_both_ranks(tmp_path):
 @pytest.mark.parametrize("during", ["training", "evaluation"])
 def test_every_signal_to_any_rank_anywhere_stops_both_ranks(tmp_path, sig, to, during):
     _two_ranks(tmp_path, sig, to, during)
+
+
+SLOW_EXTRACTOR = """
+import os, sys, time
+from pathlib import Path
+from evodiff_pl.entry import train
+from evodiff_pl.evaluation.metrics import PixelFeatures
+
+forward = PixelFeatures.forward
+
+
+def slow_forward(self, x):  # an Inception batch on a GPU takes about this long
+    Path(os.environ["EXTRACTING"]).touch()
+    time.sleep(0.2)
+    return forward(self, x)
+
+
+PixelFeatures.forward = slow_forward
+sys.exit(train())
+"""
+
+
+def _stop_the_reference_statistics(tmp_path: Path, sig: int, to: str) -> float:
+    """2 gloo ranks with fake SLURM compute the reference statistics at a run's first set-up (rank 0: 263 batches of
+    0.2 s); `sig` to rank 0, rank 1 or the group once rank 0 extracts features. Both ranks exit 128 + sig, nothing
+    is written (no checkpoint, no statistics). Returns the stop latency."""
+    env, calls = _fake_slurm(tmp_path)
+    script, extracting, run_dir = tmp_path / "slow_train.py", tmp_path / "extracting", tmp_path / "run"
+    script.write_text(SLOW_EXTRACTOR)
+    proc = _start(["--config", str(GMM), *tiny_gmm(run_dir, *DDP, *EVAL, "data.num_train=65536",
+                                                   f"evaluation.stats_dir={tmp_path / 'stats'}")],
+                  {**env, "EXTRACTING": str(extracting)}, script=str(script))
+    _wait_for(extracting, proc)
+    time.sleep(0.5)
+    rank1 = _children(proc.pid)
+    assert len(rank1) == 1
+    err, elapsed = _stop(proc, sig, pid={"rank0": proc.pid, "rank1": rank1[0], "group": None}[to])
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig and err.count(f"stopped by {name} during the reference statistics") == 2, \
+        err[-3000:]
+    assert not (run_dir / "checkpoints").exists() and not (tmp_path / "stats").exists()
+    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if sig == signal.SIGUSR1 else [])
+    print(f"{name} to {to} during the reference statistics: every rank exited {elapsed:.2f} s after the signal")
+    assert elapsed < STOP_LIMIT_S, elapsed
+    return elapsed
+
+
+@pytest.mark.ddp
+def test_sigusr1_to_rank_1_alone_during_the_reference_statistics_stops_both_ranks(tmp_path):
+    _stop_the_reference_statistics(tmp_path, signal.SIGUSR1, "rank1")
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("to", ["rank0", "rank1", "group"])
+def test_every_signal_to_any_rank_during_the_reference_statistics_stops_both_ranks(tmp_path, sig, to):
+    _stop_the_reference_statistics(tmp_path, sig, to)

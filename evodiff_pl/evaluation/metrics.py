@@ -42,6 +42,7 @@ from evodiff_pl.utils.dist import all_reduce_sum_sync
 from evodiff_pl.utils.downloads import download_timeout
 from evodiff_pl.utils.fileio import atomic_write
 from evodiff_pl.utils.images import to_uint8
+from evodiff_pl.utils.stop import stoppable
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -265,9 +266,6 @@ class FrechetScore:
         m.real_features_cov_sum = stats["outer_sum"].to(dev, torch.float64)
         m.real_features_num_samples = stats["count"].to(dev, torch.int64)
 
-    def _extract_real(self, real: Tensor) -> dict[str, Tensor]:
-        return self.real_statistics(real.split(self.batch_size))
-
     def real_statistics(self, batches: Iterable[Tensor]) -> dict[str, Tensor]:
         """Make the reference statistics those of `batches` of real samples (uint8 images or vectors) and return
         them (sum, outer_sum, count; KID: features)."""
@@ -279,16 +277,21 @@ class FrechetScore:
     def prepare_real(self, data: RealData, *, rank: int = 0) -> Path:
         """Load (or compute and cache) the reference statistics into the metric on rank 0; zeros elsewhere.
 
-        Rank 0 writes the cache atomically (`evodiff_pl.utils.fileio`). Returns the cache path.
+        Under DDP every rank calls it together: rank 0 alone computes missing statistics (the same on 1 or N
+        processes) and every rank joins a stop check before each of its batches (`evodiff_pl.utils.stop.stoppable`),
+        so a stop signal to any rank raises `Stopped` on all of them within one extractor call, before the cache
+        is written. Rank 0 writes the cache atomically (`evodiff_pl.utils.fileio`). Returns the cache path.
         """
         path = self.cache_path(data.stats_key())
-        if rank != 0:
-            self._set_real(None)
+        compute = rank == 0 and not path.is_file()
+        real = data.real_images(max_n=self.num_real).split(self.batch_size) if compute else ()
+        batches = stoppable(real, "the reference statistics")
+        if not compute:
+            for _ in batches:  # the other ranks check with rank 0 before each of its batches
+                pass
+            self.load_real(path, rank=rank)
             return path
-        if path.is_file():
-            self.load_real(path)
-            return path
-        stats = self._extract_real(data.real_images(max_n=self.num_real))
+        stats = self.real_statistics(batches)
         atomic_write(path, lambda f: torch.save({**stats, "stats_key": data.stats_key(), "feature": self.feature_name}, f))
         return path
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from evodiff_pl.schedules.tracker import SigmaBinnedLoss
 from evodiff_pl.utils.dist import all_reduce, world
 from evodiff_pl.utils.fileio import atomic_write_json
+from evodiff_pl.utils.stop import stoppable
 from evodiff_pl.schedules.grids import get_sigmas
 
 __all__ = ["KINDS", "EntropicSchedule", "edm_loss_weight", "estimate_mmse"]
@@ -303,7 +304,9 @@ def estimate_mmse(
     (the MMSE given the class, as the training loss measures it). One noise draw per image (from `seed`) is
     reused at all `n_levels` levels (common random numbers), so the result does not depend on `batch_size`.
     `denoiser` gets sigma as a (B,) tensor; pass a network in eval mode. With a process group every rank must
-    call this; each evaluates a strided share of the pairs and the sums are all-reduced. Returns (sigmas (K,) descending, m (K,)), float64 on the CPU, for `from_mmse`.
+    call this; each evaluates a strided share of the pairs and the sums are all-reduced. A stop signal
+    (`evodiff_pl.utils.stop`) raises `Stopped` on every rank before the next batch. Returns (sigmas (K,)
+    descending, m (K,)), float64 on the CPU, for `from_mmse`.
     """
     if n_levels < 2 or n_pairs < 1 or batch_size < 1:
         raise ValueError(f"need n_levels >= 2, n_pairs >= 1, batch_size >= 1; got {n_levels}, {n_pairs}, {batch_size}")
@@ -325,7 +328,7 @@ def estimate_mmse(
     sigmas = get_sigmas("karras", n_levels - 1, sigma_min, sigma_max)
     totals = torch.zeros(n_levels, dtype=torch.float64, device=device)
     for k in tqdm(range(n_levels), desc="MMSE levels", disable=not progress or rank != 0):
-        for start in range(0, x0.shape[0], batch_size):
+        for start in stoppable(range(0, x0.shape[0], batch_size), "the schedule estimation"):
             x, eps = x0[start : start + batch_size], noise[start : start + batch_size]
             sigma = torch.full((x.shape[0],), sigmas[k].item(), dtype=x.dtype, device=device)
             # x_sigma = x0 + sigma * eps  (docs/method.md §0)

@@ -29,12 +29,14 @@ from torch import Tensor, nn
 
 from evodiff_pl.training.ema import update_ema
 from evodiff_pl.utils.fileio import atomic_write
+from evodiff_pl.utils.stop import STOP, Stopped, finish, raise_if_stopped, stoppable
 
 SNAPSHOT_DIR = "phema"
 """Folder of the run directory that holds the snapshots."""
 MAX_STD = math.sqrt(1 / 12)
 """σ_rel of the flat average (γ = 0); power-function profiles with γ ≥ 0 are narrower."""
 _SNAPSHOT = re.compile(r"phema-(\d+)-(\d+\.\d+)\.pt")
+RECONSTRUCTION = "the post-hoc EMA reconstruction"
 
 
 def std_to_gamma(std: float) -> float:
@@ -166,7 +168,8 @@ def reconstruct(run_dir: str | Path, std: float, *, images: int | None = None,
                 tol: float = 0.05) -> tuple[dict[str, Tensor], dict[str, Any], Reconstruction]:
     """The weights of the σ_rel = `std` profile at `images` (default: the newest snapshot's), from the snapshots
     in RUN/phema. ValueError (one line) when there are none, `images` is not a snapshot time, or the stored
-    profiles cannot reproduce the wanted one to relative L2 error `tol` (too narrow or too wide for them)."""
+    profiles cannot reproduce the wanted one to relative L2 error `tol` (too narrow or too wide for them). A stop
+    signal (`evodiff_pl.utils.stop`, when taken) raises `Stopped` before the next snapshot is read."""
     snaps = list_snapshots(run_dir)
     if not snaps:
         raise ValueError(f"no power-EMA snapshots in {Path(run_dir) / SNAPSHOT_DIR} (train with ema.kind=power "
@@ -185,7 +188,7 @@ def reconstruct(run_dir: str | Path, std: float, *, images: int | None = None,
                          f"{rec.residual:.3f} > tol={tol}); reconstructable stds at images={images}: {span}")
     state: dict[str, Tensor] = {}
     meta: dict[str, Any] = {}
-    for c, (_, _, path) in zip(rec.coefficients, used):
+    for c, (_, _, path) in stoppable(list(zip(rec.coefficients, used)), RECONSTRUCTION):
         blob = torch.load(path, map_location="cpu", weights_only=True)
         meta = blob["meta"]
         for k, v in blob["state_dict"].items():
@@ -223,9 +226,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m evodiff_pl.training.phema run.dir=RUN std=S [out=PATH] [images=N] [tol=T]` (console script
-    `evodiff-phema`); 0 on success, 2 on bad input (one line)."""
-    from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, write_checkpoint
-
+    `evodiff-phema`); 0 on success, 2 on bad input (one line), 128 + the signal number after SIGUSR1 or SIGTERM
+    (nothing written; SIGUSR1 under SLURM requeues the job)."""
     settings = parser().parse_args(argv).settings
     args = dict(a.split("=", 1) for a in settings if "=" in a)
     unknown = sorted(set(args) - set(_KEYS)) + [a for a in settings if "=" not in a]
@@ -235,13 +237,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {problem}; usage: python -m evodiff_pl.training.phema run.dir=RUN std=S [out=PATH] [images=N] "
               "[tol=T] (--help lists the keys)", file=sys.stderr)
         return 2
+    STOP.install()
     try:
-        std = float(args["std"])
-        images = int(args["images"]) if "images" in args else None
-        state, meta, rec = reconstruct(args["run.dir"], std, images=images, tol=float(args.get("tol", 0.05)))
+        return _write_reconstruction(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        return finish(stop, 0)
+    finally:
+        STOP.uninstall()
+
+
+def _write_reconstruction(args: dict[str, str]) -> int:
+    """`main`'s work on its checked settings: reconstruct, then write the sampling checkpoint (unless stopped)."""
+    from evodiff_pl.io.checkpointing import CHECKPOINT_KEY, write_checkpoint
+
+    std = float(args["std"])
+    images = int(args["images"]) if "images" in args else None
+    state, meta, rec = reconstruct(args["run.dir"], std, images=images, tol=float(args.get("tol", 0.05)))
+    raise_if_stopped(RECONSTRUCTION)
     out = Path(args.get("out", Path(args["run.dir"]) / SNAPSHOT_DIR / f"phema-{int(rec.time):012d}-{std:.3f}.ckpt"))
     meta = {**meta, "phema": {"std": std, "images": int(rec.time), "residual": rec.residual,
                               "sources": [[int(t), float(s), float(c)] for t, s, c in
