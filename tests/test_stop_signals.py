@@ -1,7 +1,8 @@
-"""SIGUSR1 / SIGTERM wherever the run is (start-up, set-up, a training step with its EMA pass and schedule rebuild, the
-validation evaluation, a sample.py sweep): every rank stops within seconds with exit status 128 + the signal, the
-checkpoint of the last whole step, a requeue under SLURM (a fake scontrol), and the rerun redoes an abandoned
-evaluation. In-process trials send the signal from inside the place (deterministic); subprocess trials from outside."""
+"""SIGUSR1 / SIGTERM wherever the run is (start-up, set-up and its reference statistics, a training step with its EMA
+pass and schedule rebuild, the validation evaluation, a sample.py sweep or schedule estimation, the phema
+reconstruction): every rank stops within seconds with exit status 128 + the signal, the checkpoint of the last whole
+step, a requeue under SLURM (a fake scontrol), and the rerun redoes an abandoned evaluation or statistics. In-process
+trials send the signal from inside the place (deterministic); subprocess trials from outside."""
 
 from __future__ import annotations
 
@@ -44,6 +45,16 @@ def _fake_slurm(tmp_path: Path) -> tuple[dict[str, str], Path]:
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     (bin_dir / "scontrol").chmod(0o755)
     return {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}, calls
+
+
+def _scontrol_calls(calls: Path) -> list[str]:
+    """The arguments the fake `scontrol` was called with (none: [])."""
+    return calls.read_text().split() if calls.exists() else []
+
+
+def _requeue_for(sig: int) -> list[str]:
+    """The `scontrol` arguments expected after `sig`: a requeue of the fake job for SIGUSR1, nothing for SIGTERM."""
+    return ["requeue", "4242"] if sig == signal.SIGUSR1 else []
 
 
 @pytest.fixture
@@ -294,7 +305,7 @@ def test_a_signal_during_the_imports_stops_at_once(tmp_path, sig):
     assert proc.returncode == 128 + sig and ("during start-up" in err or "during set-up" in err), err[-3000:]
     print(f"{signal.Signals(sig).name} during the imports: exited {elapsed:.2f} s after the signal")
     assert elapsed < STOP_LIMIT_S
-    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if sig == signal.SIGUSR1 else [])
+    assert _scontrol_calls(calls) == _requeue_for(sig)
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
@@ -321,7 +332,7 @@ def _two_ranks(tmp_path: Path, sig: int, to: str, during: str) -> float:
     step = assert_whole_step(ckpt)
     if during == "evaluation":
         assert step == 2 and [s["pending"] for k, s in ckpt["callbacks"].items() if "SampleQuality" in k] == [1]
-    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if sig == signal.SIGUSR1 else [])
+    assert _scontrol_calls(calls) == _requeue_for(sig)
     print(f"{name} to {to} during {during}: every rank exited {elapsed:.2f} s after the signal")
     assert elapsed < STOP_LIMIT_S, elapsed
     return elapsed
@@ -385,7 +396,7 @@ def _stop_the_reference_statistics(tmp_path: Path, sig: int, to: str) -> float:
     assert proc.returncode == 128 + sig and err.count(f"stopped by {name} during the reference statistics") == 2, \
         err[-3000:]
     assert not (run_dir / "checkpoints").exists() and not (tmp_path / "stats").exists()
-    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if sig == signal.SIGUSR1 else [])
+    assert _scontrol_calls(calls) == _requeue_for(sig)
     print(f"{name} to {to} during the reference statistics: every rank exited {elapsed:.2f} s after the signal")
     assert elapsed < STOP_LIMIT_S, elapsed
     return elapsed

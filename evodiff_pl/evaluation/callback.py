@@ -37,7 +37,8 @@ class SampleQualityCallback(EvaluationSettings, L.Callback):
     and sends it to W&B when a WandbLogger is attached. A spec whose learned schedule does not exist
     yet is skipped with an info line; a failing spec is skipped with a warning and never stops training.
 
-    A stop signal (`evodiff_pl.utils.stop`) is acted on between generated batches, on every rank together: the
+    A stop signal (`evodiff_pl.utils.stop`) is acted on, on every rank together, between the batches of the reference
+    statistics in `setup` (nothing is cached: the rerun computes them anew) and between generated batches: the
     evaluation is abandoned and stays `pending` in the callback's checkpointed state, so the rerun redoes it first
     (before its first training step, or in the final validation).
 

@@ -3,9 +3,9 @@
 `launch` takes the signals first thing in `train.py` and `sample.py` (this module imports nothing heavy), so a signal
 is kept from process start to exit: during the imports it ends the process at once; later the handler only records
 it (no I/O, no collective inside a signal handler).
-The ranks act on it together at safe points (every training step, every generated batch): `raise_if_stopped`
-all-reduces "any rank signalled" (one CPU integer over a gloo group, no device synchronisation) and raises
-`Stopped` on every rank alike. Before the process group exists a process acts alone only if no other rank can
+The ranks act on it together at safe points (every training step, every generated or reference-statistics batch):
+`raise_if_stopped` all-reduces "any rank signalled" (one CPU integer over a gloo group, no device synchronisation)
+and raises `Stopped` on every rank alike. Before the process group exists a process acts alone only if no other rank can
 run yet (a single process, or the launcher before it starts the others); otherwise it waits for the first
 collective safe point, so a signal to one rank never leaves the others waiting.
 """
