@@ -1,7 +1,7 @@
 """data.batch_gpu (edm's --batch-gpu): rounds of at most batch_gpu samples per process, gradients accumulated and
-all-reduced once, compute the run without it, dropout included. In float64 every difference is summation order: weights, EMA, Adam
-moments and the tracker agree to 1e-9 after 6 steps; a value that does not divide the per-process batch is one
-ConfigError."""
+all-reduced once, compute the run without it, dropout included. In float64 every difference is summation order:
+weights, EMA, Adam moments and the tracker agree to 1e-9 after 6 steps; a value that does not divide the per-process
+batch is one ConfigError."""
 
 from __future__ import annotations
 

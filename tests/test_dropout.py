@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from evodiff_pl.networks.dropout import Dropout, dropout, keep_samples, sample_seeds, sample_streams
-from evodiff_pl.utils.seeding import splitmix64
+from evodiff_pl.networks.dropout import Dropout, dropout, keep_samples, sample_seeds, sample_streams, splitmix64
 
 
 def _seeds(n: int, base: int = 11) -> torch.Tensor:
@@ -39,13 +38,13 @@ def test_a_samples_mask_depends_on_its_seed_and_call_alone():
     x = torch.randn(6, 4, 5, 5)
     seeds = _seeds(6)
     with sample_streams(seeds):
-        first, second = dropout(x, 0.3, True), dropout(x, 0.3, True)
+        first, second, *more = (dropout(x, 0.3, True) for _ in range(5))
     with sample_streams(seeds[[4, 1]]):  # other neighbours, other local positions
         alone = dropout(x[[4, 1]], 0.3, True)
     assert torch.equal(alone, first[[4, 1]])
     with sample_streams(seeds[4:5]):
         assert torch.equal(dropout(x[4:5].contiguous(memory_format=torch.channels_last), 0.3, True), first[4:5])
-    assert not torch.equal(first != 0, second != 0)  # another call in the same forward
+    assert not torch.equal(first != 0, second != 0) and not torch.equal(more[0] != 0, more[2] != 0)  # other calls
     assert not torch.equal(first[0] != 0, first[1] != 0)  # another sample
     with sample_streams(_seeds(6, base=12)):
         assert not torch.equal(dropout(x, 0.3, True) != 0, first != 0)  # another batch or run

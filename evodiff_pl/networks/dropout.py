@@ -18,10 +18,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evodiff_pl.utils.seeding import GOLDEN, splitmix64
+GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+"""splitmix64's increment as a signed int64 (torch has no uint64 arithmetic)."""
+_MUL1, _MUL2 = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)
+
+
+def _xor_shr_(z: Tensor, k: int) -> Tensor:
+    """z ^= z >>> k in place on int64 `z`, >>> the logical right shift (torch's >> is arithmetic on int64)."""
+    return z.bitwise_xor_((z >> k).bitwise_and_((1 << (64 - k)) - 1))
+
+
+def splitmix64(x: Tensor) -> Tensor:
+    """splitmix64's output function of state `x` + GOLDEN, elementwise on int64 tensors (Steele, Lea & Flood 2014,
+    "Fast splittable pseudorandom number generators"), wrapping modulo 2^64: state x + k·GOLDEN for k = 1, 2, ...
+    is the generator seeded with x."""
+    z = x + GOLDEN
+    _xor_shr_(z, 30).mul_(_MUL1)
+    _xor_shr_(z, 27).mul_(_MUL2)
+    return _xor_shr_(z, 31)
+
 
 _UNIFORM_BITS = 53
-"""A hash's top 53 bits as a uniform integer u in [0, 2^53); an element is kept iff u >= p·2^53."""
+"""A hash's low 53 bits as a uniform integer u in [0, 2^53); an element is kept iff u >= p·2^53."""
 
 
 class _Streams:
@@ -48,7 +66,8 @@ def sample_streams(seeds: Tensor) -> Iterator[None]:
 
 
 def sample_seeds(base: int, positions: Tensor) -> Tensor:
-    """int64 seeds of the samples at `positions` (int64) in the stream of `base`: splitmix64(base + (position+1)·GOLDEN)."""
+    """int64 seeds of the samples at `positions` (int64) in the stream of `base`:
+    splitmix64(base + (position + 1)·GOLDEN)."""
     return splitmix64(base + (positions + 1) * GOLDEN)
 
 
@@ -59,11 +78,12 @@ def _keep(shape: torch.Size, p: float, device: torch.device) -> Tensor | None:
         return None
     if shape[0] != seeds.shape[0]:
         raise ValueError(f"a dropout call on {shape[0]} samples inside sample_streams of {seeds.shape[0]} samples")
-    call = splitmix64(seeds.to(device) + _STREAMS.calls * GOLDEN)  # one stream per (sample, call)
+    offset = (_STREAMS.calls * GOLDEN + (1 << 63)) % (1 << 64) - (1 << 63)  # k·GOLDEN wrapped to int64
+    call = splitmix64(seeds.to(device) + offset)  # one stream per (sample, call)
     _STREAMS.calls += 1
     element = torch.arange(1, shape[1:].numel() + 1, device=device).reshape(1, *shape[1:])
-    u = splitmix64(call.reshape(-1, *[1] * (len(shape) - 1)) + element * GOLDEN) >> (64 - _UNIFORM_BITS)
-    return (u & ((1 << _UNIFORM_BITS) - 1)) >= round(p * 2 ** _UNIFORM_BITS)
+    u = splitmix64(call.reshape(-1, *[1] * (len(shape) - 1)) + element * GOLDEN).bitwise_and_((1 << _UNIFORM_BITS) - 1)
+    return u >= round(p * 2 ** _UNIFORM_BITS)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
