@@ -78,5 +78,5 @@ def restore_training_state(module: Any, checkpoint: dict[str, Any], state: dict[
     module.schedule_version = int(state["schedule_version"])
     module.tuned_grids = TunedGrids.from_dict(state["tuned"]) if state.get("tuned") else None
     rank, _ = world()
-    rng = state["rng"]  # no training draw uses these generators (evodiff_pl.training.streams); restored for the rest
+    rng = state["rng"]  # the training step draws nothing from these (evodiff_pl.training.streams)
     set_rng_state(rng[rank % len(rng)])
