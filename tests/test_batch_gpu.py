@@ -1,7 +1,7 @@
 """data.batch_gpu (edm's --batch-gpu): rounds of at most batch_gpu samples per process, gradients accumulated and
-all-reduced once, compute the run without it. In float64 every difference is summation order: weights, EMA, Adam
-moments and the tracker agree to 1e-9 after 6 steps; a value that does not divide the per-process batch is one
-ConfigError."""
+all-reduced once, compute the run without it, dropout included. In float64 every difference is summation order:
+weights, EMA, Adam moments and the tracker agree to 1e-9 after 6 steps; a value that does not divide the per-process
+batch is one ConfigError."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from evodiff_pl.config.schema import ConfigError, load_config
 from evodiff_pl.training.accumulate import rounds
 from evodiff_pl.training.run import build
 
-STEPS = ("data.batch_size=8", "train.total_images=48", "trainer.precision=64-true", "entropic.update_every_steps=3")
+STEPS = ("data.batch_size=8", "train.total_images=48", "trainer.precision=64-true", "entropic.update_every_steps=3",
+         "model.net.dropout=0.2", "model.net.depth=2")
+"""6 steps of 8 samples, dropout in two blocks (two mask draws per forward, so masks drawn per round in order would
+differ): a sample's masks follow its global position, not its round or process."""
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

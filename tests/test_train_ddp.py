@@ -1,8 +1,8 @@
 """`python train.py` on 2 CPU processes (DDP, gloo) gives the 1-process answer for the same global batch.
 
-Run in float64 (trainer.precision=64-true) the design is exact up to summation order: tracker to 1e-10
-relative, weights, EMA and Adam moments to 1e-10. In float32 the two runs differ by rounding (the
-gradient all-reduce sums in another order), checked at 1e-5 (slow).
+Run in float64 (trainer.precision=64-true) the design is exact up to summation order, dropout included (a sample's
+masks follow its global position): tracker to 1e-10 relative, weights, EMA and Adam moments to 1e-10. In float32
+the two runs differ by rounding (the gradient all-reduce sums in another order), checked at 1e-5 (slow).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _compare(tmp_path, precision: str, tol_tracker: float, tol_weights: float, *
 
 
 def test_two_processes_match_one_in_float64(tmp_path):
-    _compare(tmp_path, "64-true", tol_tracker=1e-10, tol_weights=1e-10)
+    _compare(tmp_path, "64-true", 1e-10, 1e-10, "model.net.dropout=0.2")
 
 
 def test_ema_pass_on_an_odd_share_two_processes_match_one_in_float64(tmp_path):
@@ -68,14 +68,15 @@ def test_sync_free_skip_two_processes_match_one_in_float64(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_augmentation_in_float64(tmp_path):
-    """data.augment on a tiny digits U-Net: each rank augments its slice of the global batch with the global
-    batch's parameters, so the 2-process run takes the 1-process steps."""
+    """data.augment on a tiny class-conditional digits U-Net with dropout and label dropout: each rank augments its
+    slice of the global batch with the global batch's parameters, so the 2-process run takes the 1-process steps."""
     from train_utils import DIGITS
 
     overrides = [
-        "model.net.model_channels=8", "model.net.channel_mult=[1]", "model.net.dropout=0.0", "data.batch_size=16",
+        "model.net.model_channels=8", "model.net.channel_mult=[1]", "model.net.dropout=0.1", "data.batch_size=16",
         "data.augment=0.5", "train.total_images=64", "trainer.precision=64-true", "trainer.accelerator=cpu",
         "logger.kind=none", "evaluation.enabled=false", "trainer.progress_bar=false", "entropic.update_every_steps=2",
+        "data.conditional=true", "model.net.label_dropout=0.2",
     ]
     ckpts = []
     for name, extra in (("one", ("trainer.devices=1",)), ("two", DDP)):
@@ -100,7 +101,6 @@ def test_edm2_training_two_processes_match_one_in_float64(tmp_path):
 @pytest.mark.slow
 def test_edm2_unet_two_processes_match_one_in_float64(tmp_path):
     """The full EDM2 U-Net (forced weight normalisation of every layer, attention at 4x4): each rank
-    normalises its replica's weights in each training-mode forward, from the same all-reduced steps. Dropout off:
-    its masks come from each rank's own generator, so they differ from the 1-process run's."""
-    _compare(tmp_path, "64-true", 1e-10, 1e-10, "model.net.dropout=0.0", "ema.snapshot_every_images=256",
+    normalises its replica's weights in each training-mode forward, from the same all-reduced steps (dropout on)."""
+    _compare(tmp_path, "64-true", 1e-10, 1e-10, "model.net.dropout=0.1", "ema.snapshot_every_images=256",
              "optim.ref_images=512", config=DIGITS_EDM2, tiny=tiny_digits_edm2)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evodiff_pl.networks.dropout import dropout
 from evodiff_pl.networks.unet_blocks import check_levels, one_hot_labels
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -159,8 +160,7 @@ class Block(nn.Module):
         y = self.conv_res0(mp_silu(x))
         c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None].to(y.dtype))
-        if self.training and self.dropout:
-            y = F.dropout(y, p=self.dropout)
+        y = dropout(y, self.dropout, self.training)
         y = self.conv_res1(y)
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)

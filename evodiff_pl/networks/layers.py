@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evodiff_pl.networks.dropout import keep_samples
+
 
 ZERO_INIT = 1e-5
 """Init scale of every layer that closes a residual branch and of the output layer (EDM): F starts near 0."""
@@ -95,7 +97,7 @@ class LabelEmbedding(nn.Module):
             )
         onehot = F.one_hot(labels, self.label_dim).to(dtype)
         if self.training and self.dropout:
-            onehot = onehot * (torch.rand(batch_size, 1, device=device) >= self.dropout).to(dtype)
+            onehot = onehot * keep_samples(batch_size, self.dropout, device).to(dtype)
         return self.proj(onehot * math.sqrt(self.label_dim))
 
 

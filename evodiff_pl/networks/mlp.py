@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evodiff_pl.networks.dropout import Dropout
 from evodiff_pl.networks.layers import ZERO_INIT, ConditionEmbedding, linear
 
 
@@ -16,7 +17,7 @@ class MLPBlock(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.fc0 = linear(hidden, hidden)
         self.affine = linear(emb_channels, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.fc1 = linear(hidden, hidden, scale=ZERO_INIT)
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:

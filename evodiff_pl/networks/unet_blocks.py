@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evodiff_pl.networks.dropout import dropout, keep_samples
+
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
 
@@ -147,7 +149,7 @@ class UNetBlock(nn.Module):
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
             x = F.silu(self.norm1(x.add_(params)))  # in place on conv0's output, which autograd does not keep
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(dropout(x, self.dropout, self.training))
         x = x.add_(self.skip(orig) if self.skip is not None else orig) * self.skip_scale
         if self.num_heads:
             b, c, h, w = x.shape
@@ -177,8 +179,7 @@ def drop_labels(class_labels: Tensor, p: float, training: bool) -> Tensor:
     """Classifier-free guidance training: each sample's label zeroed with probability p (training mode only)."""
     if not (training and p):
         return class_labels
-    keep = torch.rand(class_labels.shape[0], 1, device=class_labels.device) >= p
-    return class_labels * keep.to(class_labels.dtype)
+    return class_labels * keep_samples(class_labels.shape[0], p, class_labels.device).to(class_labels.dtype)
 
 
 def check_levels(img_resolution: int, channel_mult: Sequence[int], attn_resolutions: Sequence[int]) -> None:

@@ -3,8 +3,8 @@
 A process's share of the global batch goes through the network in consecutive rounds; each round back-propagates
 its part of the loss sum (EDM's scale: the sum over a sample's elements, divided by the samples of the process), so
 the accumulated gradient is the one of the whole share. Under DDP only the last round all-reduces (`no_sync` on the
-earlier ones). Every sample keeps the σ, noise and augmentation drawn for its global position, so a run with
-`batch_gpu` computes the run without it, up to the order of the gradient sums.
+earlier ones). Every sample keeps the σ, noise, augmentation and dropout masks drawn for its global position, so a run
+with `batch_gpu` computes the run without it, up to the order of the gradient sums.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 
 from evodiff_pl.config.keys import ConfigError
+from evodiff_pl.networks.dropout import sample_streams
 from evodiff_pl.training.losses import LossOutput
 
 
@@ -55,16 +56,16 @@ def _no_sync(strategy: Any, sync: bool) -> ContextManager[Any]:
 
 
 def backward_in_rounds(module: Any, x0: Tensor, labels: Tensor | None, sigma: Tensor, noise: Tensor,
-                       augment_labels: Tensor | None, poison: bool = False) -> LossOutput:
+                       augment_labels: Tensor | None, dropout_seeds: Tensor, poison: bool = False) -> LossOutput:
     """Forward and backward of `module.net` on this process's batch in rounds of at most `module.batch_gpu`
-    samples; the gradient (accumulated in the parameters' .grad) is that of
-    sum(loss) · elements_per_sample / batch, all-reduced once. Returns the per-sample loss terms (loss detached;
+    samples, each round's dropout masks from its samples' `dropout_seeds` (`sample_streams`); the gradient
+    (accumulated in the parameters' .grad) is that of sum(loss) · elements_per_sample / batch, all-reduced once. Returns the per-sample loss terms (loss detached;
     NaN where `poison`, the test hook of train.nan_loss_steps)."""
     n, strategy = x0.shape[0], module.trainer.strategy
     parts = rounds(n, module.batch_gpu)
     outputs = []
     for i, part in enumerate(parts):
-        with _no_sync(strategy, sync=i == len(parts) - 1):
+        with _no_sync(strategy, sync=i == len(parts) - 1), sample_streams(dropout_seeds[part]):
             out = module.loss_fn(module.net, x0[part], None if labels is None else labels[part], sigma=sigma[part],
                                  noise=noise[part], augment_labels=None if augment_labels is None else augment_labels[part])
             loss = out.loss * math.nan if poison else out.loss

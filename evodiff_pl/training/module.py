@@ -3,9 +3,9 @@
 Same answer on 1 or N processes: every rank draws the sigmas and noise (and, with `augment`, the augmentation
 parameters) of the whole global batch from generators seeded by (run seed, batch index) and keeps the slice
 `[rank::world_size]`, which matches the samples the rank holds (`evodiff_pl.data.stream.InfiniteSampler` deals global
-position k*W + r of a batch to rank r). Dropout draws from the global generators seeded by (seed, batch index, rank)
-for the step's forward and backward only (`seeded_global_rng`): nothing else (evaluation, caches, resumes) shifts it,
-but its masks depend on the rank and on `data.batch_gpu` (with dropout, 1 and N processes differ). As in EDM, the
+position k*W + r of a batch to rank r). Dropout and label-dropout masks are a function of (run seed, batch index,
+global position) too (`evodiff_pl.networks.dropout`, never torch's generators): nothing else (evaluation, caches,
+resumes) shifts them, and neither `data.batch_gpu` nor the process count changes them. As in EDM, the
 gradient is that of the per-sample loss summed over its elements, averaged over the global batch (rank means averaged
 by DDP; `data.batch_gpu` splits a rank's share into rounds, `evodiff_pl.training.accumulate`); the logged losses
 (`train/loss_per_elem`, `val/loss_ema_per_elem`) are per-element means, as EDM's logged `Loss/loss`. Learning rate,
@@ -56,10 +56,10 @@ from evodiff_pl.training.loggers import cpu_scalars
 from evodiff_pl.training.losses import EDMLoss, LossOutput
 from evodiff_pl.training.nonfinite import skipped_since_logging, skipped_step, too_many
 from evodiff_pl.training.phema import PowerEMA
-from evodiff_pl.training.streams import batch_augment, batch_noise, dropout_seed
+from evodiff_pl.training.streams import batch_augment, batch_noise, dropout_seeds
 from evodiff_pl.training.state import restore_training_state, training_state
 from evodiff_pl.utils.dist import world
-from evodiff_pl.utils.seeding import derive_seed, seeded_global_rng
+from evodiff_pl.utils.seeding import derive_seed
 
 
 class EDMModule(L.LightningModule):
@@ -209,9 +209,10 @@ class EDMModule(L.LightningModule):
         batch_sigmas, batch_noise = self.draw_noise(self.batches_seen, x0.dtype)
         sigma, noise = batch_sigmas[rank::world_size], batch_noise[rank::world_size]
         tracked = self._ema_eval_loss(clean, labels, noise) if self.tracker_source == "ema_eval" else None
-        with seeded_global_rng(dropout_seed(self.seed, self.batches_seen, rank), self.device):
-            out = backward_in_rounds(self, x0, labels if self.num_classes else None, sigma, noise, augment_labels,
-                                     poison=self.batches_seen in self.nan_loss_steps)
+        seeds = dropout_seeds(self.seed, self.batches_seen, torch.arange(rank, self.global_batch, world_size,
+                                                                         device=self.device))
+        out = backward_in_rounds(self, x0, labels if self.num_classes else None, sigma, noise, augment_labels, seeds,
+                                 poison=self.batches_seen in self.nan_loss_steps)
         stats = self._reduce_step(out.loss)
         lr = self.learning_rate()
         if self.sync_free:

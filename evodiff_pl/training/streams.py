@@ -1,5 +1,6 @@
 """Every random draw of training batch i is a function of (run seed, i) alone, the same on every rank: σ and noise
-of the whole global batch, its augmentation parameters, and (per rank) the seed of its dropout masks."""
+of the whole global batch, its augmentation parameters, and the per-sample seeds of its dropout masks (by global
+position, `evodiff_pl.networks.dropout`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import torch
 from torch import Tensor
 
 from evodiff_pl.data.augment import draw_params
+from evodiff_pl.networks.dropout import sample_seeds
 from evodiff_pl.utils.seeding import derive_seed
 
 AUGMENT_STREAM, DROPOUT_STREAM = 1, 2
-"""Seeds of batch i: σ and noise (seed, i), augmentation (seed, i, AUGMENT_STREAM), rank r's dropout (seed, i,
-DROPOUT_STREAM, r)."""
+"""Seeds of batch i: σ and noise (seed, i), augmentation (seed, i, AUGMENT_STREAM), dropout (seed, i,
+DROPOUT_STREAM) split by global position."""
 
 
 def batch_noise(seed: int, batch_index: int, loss_fn: Any, global_batch: int, sample_shape: Sequence[int],
@@ -29,6 +31,7 @@ def batch_augment(seed: int, batch_index: int, global_batch: int, p: float) -> T
     return draw_params(global_batch, p, torch.Generator().manual_seed(derive_seed(seed, batch_index, AUGMENT_STREAM)))
 
 
-def dropout_seed(seed: int, batch_index: int, rank: int) -> int:
-    """The seed of rank `rank`'s dropout masks in batch `batch_index` (`evodiff_pl.utils.seeding.seeded_global_rng`)."""
-    return derive_seed(seed, batch_index, DROPOUT_STREAM, rank)
+def dropout_seeds(seed: int, batch_index: int, positions: Tensor) -> Tensor:
+    """int64 dropout seeds (`evodiff_pl.networks.dropout.sample_streams`) of the samples at global `positions`
+    (int64, on their device) of batch `batch_index`."""
+    return sample_seeds(derive_seed(seed, batch_index, DROPOUT_STREAM), positions)

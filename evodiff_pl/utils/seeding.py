@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,21 +33,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
-
-
-@contextmanager
-def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Inside: torch's global generators of the CPU and of `device` seeded with `seed`; on exit, the states they had
-    before (`torch.random.fork_rng`). What draws from them inside (dropout) depends on `seed` alone, and nothing that
-    draws from them outside (evaluation, data loading) sees or shifts those draws."""
-    accel = device.type != "cpu"
-    index = device.index
-    if accel and index is None:
-        index = torch.get_device_module(device.type).current_device()
-    with torch.random.fork_rng(devices=[index] if accel else [], device_type=device.type if accel else "cuda"):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.default_generators[index].manual_seed(seed)
-        elif accel:
-            torch.get_device_module(device.type).manual_seed(seed)
-        yield
