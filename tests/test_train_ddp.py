@@ -37,7 +37,10 @@ def _compare(tmp_path, precision: str, tol_tracker: float, tol_weights: float, *
     assert len(e1["rng"]) == 1 and len(e2["rng"]) == 2
     for key in ("sum", "count"):  # decayed (entropic.ema_decay) float64 sums
         assert _rel(e1["tracker"][key], e2["tracker"][key]) < tol_tracker, key
-    assert e1["schedule"]["log_sigma"] == pytest.approx(e2["schedule"]["log_sigma"], rel=tol_tracker)
+    if e1["schedule"] is None or e2["schedule"] is None:  # too few tracked samples yet (the EDM2 U-Net's 8 steps)
+        assert e1["schedule"] is e2["schedule"] is None
+    else:
+        assert e1["schedule"]["log_sigma"] == pytest.approx(e2["schedule"]["log_sigma"], rel=tol_tracker)
     for key, value in one["state_dict"].items():
         assert _rel(value, two["state_dict"][key]) < tol_weights, key
     s1, s2 = one["optimizer_states"][0]["state"], two["optimizer_states"][0]["state"]
@@ -47,12 +50,14 @@ def _compare(tmp_path, precision: str, tol_tracker: float, tol_weights: float, *
 
 
 def test_two_processes_match_one_in_float64(tmp_path):
-    _compare(tmp_path, "64-true", 1e-10, 1e-10, "model.net.dropout=0.2")
+    """Dropout (masks by global position), and entropic.source=ema_eval on 95 of 128 global positions: 48 on rank 0
+    and 47 on rank 1, the same samples."""
+    _compare(tmp_path, "64-true", 1e-10, 1e-10, "model.net.dropout=0.2", "entropic.eval_fraction=0.7421875")
 
 
-def test_ema_pass_on_an_odd_share_two_processes_match_one_in_float64(tmp_path):
-    """entropic.source=ema_eval on 95 of 128 global positions: 48 on rank 0 and 47 on rank 1, the same samples."""
-    _compare(tmp_path, "64-true", 1e-10, 1e-10, "entropic.eval_fraction=0.7421875", "entropic.ema_decay=1")
+@pytest.mark.slow
+def test_undecayed_tracker_two_processes_match_one_in_float64(tmp_path):
+    _compare(tmp_path, "64-true", 1e-10, 1e-10, "entropic.ema_decay=1")
 
 
 @pytest.mark.slow

@@ -113,6 +113,7 @@ def _preempt_two_ranks(tmp_path: Path, delay: float) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # the default run has tests/test_stop_signals.py's 2-rank trials (SIGTERM to rank 1, SIGUSR1 to all)
 def test_sigusr1_on_two_ranks_saves_requeues_and_exits(tmp_path):
     _preempt_two_ranks(tmp_path, delay=2.0)
 

@@ -12,6 +12,7 @@ collective safe point, so a signal to one rank never leaves the others waiting.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import signal
@@ -175,7 +176,7 @@ def launch(module: str) -> int:
     try:
         main = importlib.import_module(module).main
     except Stopped as stop:
-        return finish(stop, 0)
+        main = functools.partial(finish, stop, 0)  # and leave through os._exit below, as a stopped run does
     finally:
         STOP.immediate = False
     code = main()
