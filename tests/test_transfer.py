@@ -19,7 +19,6 @@ from evodiff_pl.training.module import EDMModule
 from evodiff_pl.training.datamodule import as_lightning
 from evodiff_pl.training.run import build
 from evodiff_pl.training.transfer import init_from
-from evodiff_pl.training.datamodule import as_lightning
 
 PICKLE = Path(__file__).parent / "data" / "nvlabs" / "ddpmpp_edm_cond.pkl"
 
