@@ -309,6 +309,20 @@ def test_a_signal_during_the_imports_stops_at_once(tmp_path, sig):
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
+def _stop_ranks(proc: subprocess.Popen, sig: int, to: str, where: str, calls: Path) -> float:
+    """Send `sig` to rank 0, rank 1 or the whole group (`to`) of a 2-rank run with fake SLURM: both ranks report the
+    stop `where`, the run exits 128 + sig within STOP_LIMIT_S, requeued on SIGUSR1 only. Returns the latency."""
+    rank1 = _children(proc.pid)
+    assert len(rank1) == 1
+    err, elapsed = _stop(proc, sig, pid={"rank0": proc.pid, "rank1": rank1[0], "group": None}[to])
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig and err.count(f"stopped by {name} during {where}") == 2, err[-3000:]
+    assert _scontrol_calls(calls) == _requeue_for(sig)
+    print(f"{name} to {to} during {where}: every rank exited {elapsed:.2f} s after the signal")
+    assert elapsed < STOP_LIMIT_S, elapsed
+    return elapsed
+
+
 DDP = ("trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=128")
 LONG_EVAL = ("evaluation.num_samples=400000", "evaluation.batch_size=64", "checkpoint.every_steps=2")
 
@@ -323,18 +337,11 @@ def _two_ranks(tmp_path: Path, sig: int, to: str, during: str) -> float:
                                                    "checkpoint.every_steps=100", *DDP, *extra)], env)
     _wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
     time.sleep(1.0)  # in the evaluation after step 2 (minutes long), or in training
-    rank1 = _children(proc.pid)
-    assert len(rank1) == 1
-    err, elapsed = _stop(proc, sig, pid={"rank0": proc.pid, "rank1": rank1[0], "group": None}[to])
-    name = signal.Signals(sig).name
-    assert proc.returncode == 128 + sig and err.count(f"stopped by {name} during {'the evaluation of' if during == 'evaluation' else during}") == 2, err[-3000:]
+    elapsed = _stop_ranks(proc, sig, to, "the evaluation of" if during == "evaluation" else during, calls)
     ckpt = load(run_dir / "checkpoints" / "last.ckpt")
     step = assert_whole_step(ckpt)
     if during == "evaluation":
         assert step == 2 and [s["pending"] for k, s in ckpt["callbacks"].items() if "SampleQuality" in k] == [1]
-    assert _scontrol_calls(calls) == _requeue_for(sig)
-    print(f"{name} to {to} during {during}: every rank exited {elapsed:.2f} s after the signal")
-    assert elapsed < STOP_LIMIT_S, elapsed
     return elapsed
 
 
@@ -389,16 +396,8 @@ def _stop_the_reference_statistics(tmp_path: Path, sig: int, to: str) -> float:
                   {**env, "EXTRACTING": str(extracting)}, script=str(script))
     _wait_for(extracting, proc)
     time.sleep(0.5)
-    rank1 = _children(proc.pid)
-    assert len(rank1) == 1
-    err, elapsed = _stop(proc, sig, pid={"rank0": proc.pid, "rank1": rank1[0], "group": None}[to])
-    name = signal.Signals(sig).name
-    assert proc.returncode == 128 + sig and err.count(f"stopped by {name} during the reference statistics") == 2, \
-        err[-3000:]
+    elapsed = _stop_ranks(proc, sig, to, "the reference statistics", calls)
     assert not (run_dir / "checkpoints").exists() and not (tmp_path / "stats").exists()
-    assert _scontrol_calls(calls) == _requeue_for(sig)
-    print(f"{name} to {to} during the reference statistics: every rank exited {elapsed:.2f} s after the signal")
-    assert elapsed < STOP_LIMIT_S, elapsed
     return elapsed
 
 
