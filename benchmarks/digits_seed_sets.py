@@ -5,8 +5,8 @@ reference on the same seeds.
 `benchmarks/digits_tuned.py` scores every grid on seeds 0-1796 only; pixel FD against the 1,797 digits moves by
 hundreds from one seed set to the next (and the reference with it), so a gap to the reference measured on one set is
 uncertain by several per cent. Settings: `solver:grid:nfe`, grid = karras, logsnr, rescaled_entropic (the model's
-learned grid, from the dedicated pass beside the checkpoint, as digits_tuned.py) or `tuned` (the tuned_fd grid of
-that model, solver and NFE in --tuned-rows). Rows are appended to --rows; a rerun skips the rows already there.
+learned grid, from the dedicated pass beside the checkpoint, as digits_tuned.py), `tuned` (the tuned_fd grid of
+that model, solver and NFE in --tuned-rows) or `tuned_<objective>` (that column of --tuned-rows). Rows are appended to --rows; a rerun skips the rows already there.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/digits_seed_sets.py --model 640k \
         --settings unipc:tuned:5 unipc:rescaled_entropic:5 --tuned-rows benchmarks/results/digits_tuned_long.csv
@@ -40,12 +40,13 @@ FIELDS = ["model", "setting", "seed_set", "fd_pixels", "levels"]
 
 def grid(setting: str, model: str, schedule: EntropicSchedule, tuned_rows: list[dict]) -> tuple[str, int, torch.Tensor]:
     solver, name, nfe = setting.split(":")
-    if name != "tuned":
+    if not name.startswith("tuned"):
         options = {"schedule": schedule} if "entropic" in name else {}
         return solver, int(nfe), get_sigmas(name, steps_for_nfe(solver, int(nfe)), **options)
-    rows = [r for r in tuned_rows if (r["model"], r["solver"], r["nfe"], r["grid"]) == (model, solver, nfe, "tuned_fd")]
+    column = "tuned_fd" if name == "tuned" else name  # tuned: the tuned_fd grid; tuned_<objective>: that one
+    rows = [r for r in tuned_rows if (r["model"], r["solver"], r["nfe"], r["grid"]) == (model, solver, nfe, column)]
     if not rows:
-        raise SystemExit(f"no tuned_fd grid of {model} {solver} NFE {nfe} in --tuned-rows")
+        raise SystemExit(f"no {column} grid of {model} {solver} NFE {nfe} in --tuned-rows")
     return solver, int(nfe), torch.tensor([float(v) for v in rows[-1]["levels"].split()], dtype=torch.float64)
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     p.add_argument("--model", default="640k", choices=list(MODELS))
     p.add_argument("--settings", nargs="+", default=["unipc:tuned:5", "unipc:rescaled_entropic:5"])
     p.add_argument("--sets", type=int, default=5, help="disjoint seed sets of 1,797 samples")
-    p.add_argument("--tuned-rows", default="benchmarks/results/digits_tuned_long.csv")
+    p.add_argument("--tuned-rows", nargs="+", default=["benchmarks/results/digits_tuned_long.csv"])
     p.add_argument("--rows", default="benchmarks/results/digits_seed_sets.csv")
     p.add_argument("--out", default="benchmarks/results/digits_seed_sets.md")
     args = p.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
     scores = {n: FrechetScore("pixels", num_samples=n * SET, shape=shape) for n in (1, args.sets)}
     for score in scores.values():
         score.prepare_real(data)
-    tuned_rows = read_rows(args.tuned_rows)
+    tuned_rows = [r for path in args.tuned_rows for r in read_rows(path)]
     done = {(r["model"], r["setting"], r["seed_set"]) for r in read_rows(args.rows)}
     settings = [REFERENCE, *[s for s in args.settings if s != REFERENCE]]
     for setting in settings:
@@ -89,7 +90,8 @@ def main() -> None:
         scores[args.sets].update(torch.cat(samples))
         append_row(args.rows, {"model": args.model, "setting": setting, "seed_set": "pooled",
                                "fd_pixels": scores[args.sets].compute(), "levels": row["levels"]}, FIELDS)
-    report(args, settings)
+    scored = [r["setting"] for r in read_rows(args.rows) if r["model"] == args.model]
+    report(args, list(dict.fromkeys([REFERENCE, *scored])))  # every setting scored so far, in order
 
 
 def report(args: argparse.Namespace, settings: list[str]) -> None:
@@ -100,7 +102,7 @@ def report(args: argparse.Namespace, settings: list[str]) -> None:
     text = [f"# Digits {args.model}: scores on disjoint seed sets\n",
             "Command: `OMP_NUM_THREADS=1 PYTHONPATH=. python " + " ".join(sys.argv) + "`\n",
             f"fd_pixels against the 1,797 digits; each cell: the score, and in brackets its ratio to {REFERENCE} on "
-            "the same seeds. Tuned grids: tuned_fd of " + args.tuned_rows + " (tuned on seeds TUNE_SEED + j, never "
+            "the same seeds. Tuned grids from " + ", ".join(args.tuned_rows) + " (tuned on seeds TUNE_SEED + j, never "
             "scored).\n", "| setting | " + " | ".join(head) + " | mean ratio of the sets |", "|---|" + "---|" * (len(sets) + 1)]
     for setting in settings:
         cells, ratios = [], []

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from evodiff_pl.evaluation.metrics import frechet_distance, gaussian_fit
+from evodiff_pl.evaluation.metrics import DataMoments, frechet_distance, gaussian_fit
 from evodiff_pl.schedules import logsnr
 from evodiff_pl.solvers import SOLVERS, STOCHASTIC, Denoiser, nfe, solve
 
@@ -47,9 +47,21 @@ def fd_to_reference(x: Tensor, reference: Tensor) -> float:
                             *gaussian_fit(reference.double().reshape(x.shape[0], -1)))
 
 
-OBJECTIVES = ("rmse", "slack", "fd")
+def fd_to_data(data: DataMoments) -> Objective:
+    """The Fréchet distance of the endpoints' features to the data's moments (the score itself, on the tuning
+    noises); it needs no reference solution and ignores the `reference` argument."""
+
+    def objective(x: Tensor, reference: Tensor | None) -> float:
+        return frechet_distance(*gaussian_fit(data.features(x).double().reshape(x.shape[0], -1)),
+                                data.mean.double().cpu(), data.cov.double().cpu())
+
+    return objective
+
+
+OBJECTIVES = ("rmse", "slack", "fd", "fd_data")
 """Named objectives: median per-sample RMSE; LD3's slack (r = `slack`, default half the starting grid's median
-RMSE); the Fréchet distance of the endpoint distributions. Any callable (x, reference) -> float also works."""
+RMSE); the Fréchet distance of the endpoint distributions (fd: to the reference endpoints; fd_data: to the data's
+moments, `data=`, no reference solution). Any callable (x, reference) -> float also works."""
 
 
 def reference_solution(
@@ -164,6 +176,7 @@ def tune_sigmas(
     reference: Tensor | None = None,
     objective: str | Objective = "rmse",
     slack: float | None = None,
+    data: DataMoments | None = None,
     nfe: int | None = None,
     max_evals: int = 400,
     step: float = 1.0,
@@ -177,8 +190,9 @@ def tune_sigmas(
     x_T: the fixed starting noises (B, ...) at sigmas[0], i.e. sigma_max * N(0, I), on the denoiser's device.
     sigmas: the starting grid (e.g. the learned rescaled entropic grid); strictly decreasing.
     reference: the accurate endpoints from x_T (default `reference_solution(denoiser, x_T, ...)`).
-    objective: "rmse" | "slack" | "fd" (see `OBJECTIVES`), or a callable (x, reference) -> float.
+    objective: "rmse" | "slack" | "fd" | "fd_data" (see `OBJECTIVES`), or a callable (x, reference) -> float.
     slack: LD3's radius r for "slack", in per-sample RMSE units (default half the starting median RMSE).
+    data: the data's feature moments for "fd_data" (e.g. `FrechetScore.moments()`); no reference is computed.
     nfe: if given, the NFE the grid must give the solver (ValueError otherwise).
     max_evals, step, tol: Nelder-Mead's budget of solver runs, initial simplex size (in log-gap logits) and
         relative tolerance. The best grid seen never scores worse than the starting one.
@@ -187,13 +201,17 @@ def tune_sigmas(
     if s.numel() <= 2:
         return s.clone()
     sigma_max, sigma_min = s[0].item(), s[-1].item()
+    if objective == "fd_data" and data is None:
+        raise ValueError("objective fd_data needs data= (the data's feature moments, e.g. FrechetScore.moments())")
     with torch.no_grad():
-        if reference is None:
+        if reference is None and objective != "fd_data":
             reference = reference_solution(denoiser, x_T, sigma_max, sigma_min)
-        if reference.shape != x_T.shape or not torch.isfinite(reference).all():
+        if reference is not None and (reference.shape != x_T.shape or not torch.isfinite(reference).all()):
             raise ValueError(f"reference must be finite with x_T's shape {tuple(x_T.shape)}")
         if callable(objective):
             loss = objective
+        elif objective == "fd_data":
+            loss = fd_to_data(data)
         elif objective == "rmse":
             loss = median_rmse
         elif objective == "fd":

@@ -14,6 +14,7 @@ from evodiff_pl.evaluation.metrics import (
     PixelFeatures,
     count_label,
     frechet_distance,
+    gaussian_fit,
     score_name,
 )
 
@@ -100,6 +101,24 @@ def test_pixel_score_closed_forms(tmp_path):
     score.update(_floats_for(real + shift))
     # identical covariances: FD = |shift|^2 per pixel, summed over d pixels
     assert score.compute() == pytest.approx(shift**2 * d, rel=1e-9)
+
+
+def test_moments_are_the_gaussian_of_the_reference_features_and_features_are_the_scores(tmp_path):
+    """What the tuner's fd_data objective compares with: the reference statistics as (mean, unbiased covariance),
+    and the features the score gives generated images (quantised to uint8 first)."""
+    real = _images(300)
+    score = FrechetScore("pixels", num_samples=300, shape=real.shape[1:], stats_dir=tmp_path)
+    score.prepare_real(RealSource(real))
+    moments = score.moments()
+    mean, cov = gaussian_fit(real.reshape(300, -1).double())
+    assert torch.allclose(moments.mean, mean, rtol=1e-12) and torch.allclose(moments.cov, cov, rtol=1e-9, atol=1e-9)
+    fake = _floats_for(real)
+    assert torch.equal(moments.features(fake), real.reshape(300, -1).double())
+    score.update(fake)
+    assert frechet_distance(*gaussian_fit(moments.features(fake)), moments.mean, moments.cov) == pytest.approx(
+        score.compute(), abs=1e-6)
+    with pytest.raises(ValueError, match="no reference statistics"):
+        FrechetScore("pixels", num_samples=2, shape=(3,), stats_dir=tmp_path).moments()
 
 
 def test_vector_score_is_on_raw_floats(tmp_path):

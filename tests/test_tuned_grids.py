@@ -162,3 +162,23 @@ def test_sample_tune_on_a_class_conditional_nvlabs_pickle(tmp_path):
     grids = TunedGrids.load(tuned_grids_path(pkl, str(tmp_path)))
     assert grids.get("dpmpp_2m", 3)[[0, -1]].tolist() == [80.0, 0.002]
     assert (tmp_path / "dpmpp_2m_tuned_nfe3.npz").is_file()
+
+
+def test_sample_tune_fd_data_needs_a_frechet_score_of_the_samples(tmp_path, capsys):
+    """tune_objective=fd_data tunes against a score's reference statistics: without score= it is one clear error."""
+    pkl = Path(__file__).parent / "data" / "nvlabs" / "ddpmpp_edm_cond.pkl"
+    assert main(["progress=false", f"ckpt={pkl}", "solver=dpmpp_2m", "schedule=tuned", "nfe=3", "seeds=0-1",
+                 "format=npz", "device=cpu", f"outdir={tmp_path}", "tune=true", "tune_objective=fd_data"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: tune_objective=fd_data tunes against") and err.count("\n") == 1, err
+    assert not tuned_grids_path(pkl, str(tmp_path)).exists()
+
+
+def test_validation_tunes_against_the_scores_reference_statistics_with_fd_data(tmp_path):
+    """evaluation.tune_objective=fd_data: the callback hands the score's moments to the tuner; no reference solution."""
+    train_in_process(GMM, tiny_gmm(tmp_path, *TUNED_EVAL, "evaluation.tune_objective=fd_data",
+                                   "model.net.dropout=0.0", "train.total_images=512"))
+    tuned = TunedGrids.from_dict(load(tmp_path / "checkpoints" / "last.ckpt")["evodiff"]["tuned"])
+    grid = tuned.get("dpmpp_2m", 5)
+    assert tuned.objective == "fd_data" and tuned.source["reference_steps"] == 0
+    assert grid[[0, -1]].tolist() == [80.0, 0.002] and (grid[1:] < grid[:-1]).all() and grid.numel() == 6

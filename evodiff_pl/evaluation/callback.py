@@ -148,10 +148,11 @@ class SampleQualityCallback(EvaluationSettings, L.Callback):
         x_T, labels = tuning_noise(self.tune_samples, tuple(pl_module.sample_shape), pl_module.sigma_max,
                                    pl_module.num_classes, pl_module.device)
         start = learned_start(learned, pl_module.sigma_min, pl_module.sigma_max)
+        data = self.score.moments() if self.tune["objective"] == "fd_data" else None  # every rank: a collective
         try:
             pl_module.tuned_grids = tune_grids(
                 wanted, pl_module.ema, x_T, start, labels=labels, previous=getattr(pl_module, "tuned_grids", None),
-                source={"images_seen": int(pl_module.images_seen)}, **self.tune)
+                data=data, source={"images_seen": int(pl_module.images_seen)}, **self.tune)
         except ValueError as err:  # same inputs on every rank: all ranks keep their previous grids together
             rank_zero_warn(f"tuning the grids of the tuned specs failed, keeping the previous ones: {err}")
             return

@@ -29,7 +29,7 @@ import os
 import re
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from evodiff_pl.evaluation.dinov2 import DINOv2Features
-from evodiff_pl.utils.dist import all_reduce_sum_sync
+from evodiff_pl.utils.dist import all_reduce, all_reduce_sum_sync, world
 from evodiff_pl.utils.downloads import download_timeout
 from evodiff_pl.utils.fileio import atomic_write
 from evodiff_pl.utils.images import to_uint8
@@ -82,6 +82,15 @@ def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> fl
     eig = torch.linalg.eigvals(cov1 @ cov2).real.clamp(min=0)
     # Dowson & Landau (1982); Heusel et al. (2017) eq. (6): |mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))
     return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * eig.sqrt().sum())
+
+
+class DataMoments(NamedTuple):
+    """Gaussian moments (float64, CPU) of the data's features, and the feature map `features(samples)` -> (B, D)
+    that gives a sample its features as the score does (`FrechetScore.moments`; the tuner's fd_data objective)."""
+
+    mean: Tensor
+    cov: Tensor
+    features: Callable[[Tensor], Tensor]
 
 
 def count_label(n: int) -> str:
@@ -255,6 +264,26 @@ class FrechetScore:
             "outer_sum": m.real_features_cov_sum.detach().cpu(),
             "count": m.real_features_num_samples.detach().cpu(),
         }
+
+    def moments(self) -> DataMoments:
+        """The reference statistics as Gaussian moments on every rank (under a process group every rank calls it:
+        rank 0's statistics are summed with the others' zeros), with this score's feature map."""
+        stats = self._features_state()
+        packed = torch.cat([stats["sum"].double(), stats["outer_sum"].double().flatten(),
+                            stats["count"].double().reshape(1)]).to(self.device)
+        packed = (all_reduce(packed) if world()[1] > 1 else packed).cpu()
+        d, n = stats["sum"].numel(), packed[-1].item()
+        if n < 2:
+            raise ValueError("no reference statistics loaded (prepare_real or load_real first)")
+        mean = packed[:d] / n
+        cov = (packed[d:-1].reshape(d, d) - n * torch.outer(mean, mean)) / (n - 1)  # unbiased, as gaussian_fit
+        return DataMoments(mean, cov, self.features)
+
+    @torch.no_grad()
+    def features(self, samples: Tensor) -> Tensor:
+        """Features (B, D) of generated samples, float64 on the CPU, quantised and extracted as `update` does."""
+        x = to_uint8(samples) if samples.ndim == 4 and samples.is_floating_point() else samples
+        return self.metric.inception(x.to(self.device)).double().cpu()
 
     def _set_real(self, stats: dict[str, Tensor] | None) -> None:
         m, d, dev = self.metric, self.metric.inception.num_features, self.device

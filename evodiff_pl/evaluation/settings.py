@@ -63,8 +63,10 @@ class EvaluationSettings:
             tune_samples, tune_evals, tune_objective, tune_reference_steps: specs on the schedule `tuned` have their
                 grid tuned before each evaluation (`evodiff_pl.sampling.grid_tuning.tune_grids`, warm-started from the
                 last one, first from the learned rescaled entropic grid): starting noises of seeds TUNE_SEED + j,
-                j < tune_samples (never scored), at most tune_evals solver runs each, against an iPNDM reference of
-                tune_reference_steps log-SNR steps; the grids are kept in `pl_module.tuned_grids`.
+                j < tune_samples (never scored), at most tune_evals solver runs each, minimising tune_objective
+                (`evodiff_pl.tuning.OBJECTIVES`: fd_data against this score's reference statistics, the others
+                against an iPNDM reference of tune_reference_steps log-SNR steps); the grids are kept in
+                `pl_module.tuned_grids`.
         """
         super().__init__()
         self.specs = [EvalSpec.parse(s) for s in specs]

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from evodiff_pl.evaluation.metrics import DataMoments
 from evodiff_pl.sampling.generate import initial_noise, steps_for_nfe
 from evodiff_pl.sampling.plan import with_kind
 from evodiff_pl.schedules.grids import LearnedSchedule, get_sigmas
@@ -52,6 +53,7 @@ def tune_grids(
     objective: str = "fd",
     max_evals: int = 100,
     reference_steps: int = 200,
+    data: DataMoments | None = None,
     source: dict[str, Any] | None = None,
 ) -> TunedGrids:
     """Tune every (solver, NFE) of `wanted` (call on every rank: rank r tunes wanted[r::world], all gather).
@@ -60,10 +62,13 @@ def tune_grids(
     `evodiff_pl.utils.stop.Stopped` together (before the next grid or at the end), returning nothing half-tuned.
 
     Each starts from `previous`'s grid when it has one with `start`'s ends, else from `start(solver, nfe)` (e.g.
-    the learned rescaled entropic grid); `denoiser` is D(x, sigma[, labels]); x_T from `tuning_noise`.
+    the learned rescaled entropic grid); `denoiser` is D(x, sigma[, labels]); x_T from `tuning_noise`. The objective
+    fd_data compares with `data` (the score's moments, `FrechetScore.moments()`) and computes no reference.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown tuning objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if objective == "fd_data" and data is None:
+        raise ValueError("the tuning objective fd_data needs the data's moments (data=)")
     rank, world_size = world()
     def fn(x: Tensor, sigma: Tensor) -> Tensor:
         if STOP.received:
@@ -78,10 +83,10 @@ def tune_grids(
             warm = None if previous is None else previous.get(solver, count)
             fits = warm is not None and warm.numel() == first.numel() and bool((warm[[0, -1]] == first[[0, -1]]).all())
             try:
-                if reference is None:
+                if reference is None and objective != "fd_data":
                     reference = reference_solution(fn, x_T, first[0].item(), first[-1].item(), steps=reference_steps)
                 grid = tune_sigmas(solver, fn, x_T, warm if fits else first, reference=reference,
-                                   objective=objective, nfe=count, max_evals=max_evals)
+                                   objective=objective, data=data, nfe=count, max_evals=max_evals)
             except _Abandoned:
                 continue  # the next check (collective) stops every rank
             mine[f"{solver}/{count}"] = grid.tolist()
@@ -94,4 +99,4 @@ def tune_grids(
     merged.update(mine)
     return TunedGrids(merged, objective=objective,
                       source={**(source or {}), "tune_samples": len(x_T), "max_evals": max_evals,
-                              "reference_steps": reference_steps})
+                              "reference_steps": 0 if objective == "fd_data" else reference_steps})

@@ -200,11 +200,11 @@ def build(cfg: SampleConfig) -> SamplingJob:
         return SamplingJob(cfg, loaded, device)
     decoder = build_decoder(cfg, loaded, device)
     gnet = build_gnet(cfg, loaded, device)
-    rows = plans(cfg, loaded, tuned_grids(cfg, loaded, device))
     shape = tuple(loaded.meta["sample_shape"])
     shape = decoder.image_shape(shape) if decoder is not None else shape
     formats = output_formats(cfg.format, len(shape) == 3, cfg.score != "none")
     score, seeds = build_score(cfg, loaded, device, shape)
+    rows = plans(cfg, loaded, tuned_grids(cfg, loaded, device, score if decoder is None else None))
     outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path, is_url(cfg.ckpt))
     if world()[0] == 0:
         check_writable(outdir)

@@ -107,7 +107,8 @@ class SampleConfig:
     tune_evals: int = 100
     """Tuning: at most this many solver runs per solver x NFE."""
     tune_objective: str = "fd"
-    """Tuning objective: fd, rmse or slack (`evodiff_pl.tuning`, docs/method.md §2.7)."""
+    """Tuning objective (`evodiff_pl.tuning`, docs/method.md §2.7): fd (to the reference solution's endpoints),
+    rmse, slack, or fd_data (the score= itself on the tuning noises, against its reference statistics)."""
     progress: bool = True
     """Show progress bars (images/s)."""
 

@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from evodiff_pl.evaluation.kid import KIDScore
+from evodiff_pl.evaluation.metrics import FrechetScore
 from evodiff_pl.io.checkpointing import LoadedCheckpoint
 from evodiff_pl.sampling.generate import steps_for_nfe
 from evodiff_pl.sampling.options import SampleConfig, SampleError, check_choice, names, nfes
@@ -29,10 +31,12 @@ def stored_grids(cfg: SampleConfig, loaded: LoadedCheckpoint) -> TunedGrids | No
     return TunedGrids.from_dict(loaded.meta["tuned"]) if loaded.meta.get("tuned") else None
 
 
-def tuned_grids(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.device) -> TunedGrids | None:
+def tuned_grids(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.device,
+                score: FrechetScore | None = None) -> TunedGrids | None:
     """The tuned grids of every valid solver x NFE of the sweep if it asks for schedule=tuned (None otherwise):
     stored ones, the missing (or with tune=true all) tuned now from the learned rescaled entropic grid (karras
-    where the checkpoint has no learned schedule) and written by rank 0 to `tuned_grids_path`."""
+    where the checkpoint has no learned schedule) and written by rank 0 to `tuned_grids_path`. tune_objective=fd_data
+    tunes against `score`'s reference statistics (a Fréchet score of the samples the network makes)."""
     schedules = names("schedule", cfg.schedule, list(SCHEDULES))
     if KIND not in schedules:
         if cfg.tune:
@@ -55,14 +59,19 @@ def tuned_grids(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.devic
     todo = wanted if cfg.tune else [w for w in wanted if have is None or have.get(*w) is None]
     if not todo:
         return have
+    if cfg.tune_objective == "fd_data" and (score is None or isinstance(score, KIDScore)):
+        raise SampleError("tune_objective=fd_data tunes against the reference statistics of a Fréchet score of the "
+                          "network's own samples: give score=fd_pixels, fid_inception or fd_dinov2 (not KID, not "
+                          "with vae=), or another tune_objective")
     meta, learned = loaded.meta, learned_schedule(cfg, loaded)
     lo, hi = meta["sigma_min"], meta["sigma_max"]
     start = learned_start(learned, lo, hi) if learned is not None \
         else (lambda solver, count: get_sigmas("karras", steps_for_nfe(solver, count), lo, hi))
     x_T, labels = tuning_noise(cfg.tune_samples, tuple(meta["sample_shape"]), hi, meta["num_classes"], device)
     t0 = time.perf_counter()
+    data = score.moments() if cfg.tune_objective == "fd_data" else None
     grids = tune_grids(todo, loaded.denoiser, x_T, start, labels=labels, previous=have, objective=cfg.tune_objective,
-                       max_evals=cfg.tune_evals, source={"checkpoint": str(loaded.path)})
+                       max_evals=cfg.tune_evals, data=data, source={"checkpoint": str(loaded.path)})
     path = tuned_grids_path(loaded.path, cfg.outdir)
     if world()[0] == 0:
         grids.save(path)
