@@ -60,13 +60,14 @@ class EvaluationSettings:
             progress_every_s: rank 0 reports the evaluation's progress (samples, img/s, ETA) at most this often.
             gnet: the guiding network of the specs with guidance (a run directory, .ckpt or NVlabs pickle; its EMA
                 weights); None: such specs use classifier-free guidance with the null label.
-            tune_samples, tune_evals, tune_objective, tune_reference_steps: specs on the schedule `tuned` have their
-                grid tuned before each evaluation (`evodiff_pl.sampling.grid_tuning.tune_grids`, warm-started from the
-                last one, first from the learned rescaled entropic grid): starting noises of seeds TUNE_SEED + j,
-                j < tune_samples (never scored), at most tune_evals solver runs each, minimising tune_objective
-                (`evodiff_pl.tuning.OBJECTIVES`: fd_data against this score's reference statistics, the others
-                against an iPNDM reference of tune_reference_steps log-SNR steps); the grids are kept in
-                `pl_module.tuned_grids`.
+            tune_samples: specs on the schedule `tuned` have their grid tuned before each evaluation
+                (`evodiff_pl.sampling.grid_tuning.tune_grids`, warm-started from the last one, first from the
+                learned rescaled entropic grid, kept in `pl_module.tuned_grids`) from the starting noises of seeds
+                TUNE_SEED + j, j < tune_samples (never scored).
+            tune_evals: at most this many solver runs per tuned grid and evaluation.
+            tune_objective: what the tuning minimises (`evodiff_pl.tuning.OBJECTIVES`): fd (to an iPNDM reference
+                solution), rmse, slack, or fd_data (this score itself, against its reference statistics).
+            tune_reference_steps: log-SNR steps of the iPNDM reference solution (not used by fd_data).
         """
         super().__init__()
         self.specs = [EvalSpec.parse(s) for s in specs]
