@@ -28,6 +28,7 @@ def test_help_lists_every_key_with_its_default_and_doc(capsys):
     for key in ("perf.compile=false", "data.pin_memory=false", "data.download=true", "evaluation.num_samples=2000",
                 "model.net.model_channels=128", "logger.tags=[]"):
         assert f"  {key}\n" in out, key
+    assert re.findall(r"^  ([\w.]+=[^\n]*)\n *\n", out, flags=re.M) == []  # every key with its documentation
 
 
 def test_print_config_prints_the_resolved_config_and_exits(capsys, tmp_path):

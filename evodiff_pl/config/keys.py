@@ -39,19 +39,22 @@ def format_default(value: Any) -> str:
 
 
 def arg_docs(cls: type) -> dict[str, str]:
-    """The `Args:` entries of the `__init__` docstrings of `cls` and its bases, by name, each on one line."""
+    """The `Args:` entries of the `__init__` docstrings of `cls` and its bases, by name, each on one line; an entry
+    "a, b: ..." documents both a and b."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         text = inspect.cleandoc(klass.__dict__["__init__"].__doc__ or "") if "__init__" in klass.__dict__ else ""
-        name = None
+        names: list[str] = []
         for line in text.split("Args:", 1)[-1].splitlines() if "Args:" in text else ():
             head, sep, rest = line.strip().partition(": ")
-            if line.startswith("    ") and not line.startswith("     ") and sep and head.isidentifier():
-                name, docs[head] = head, rest.strip()
-            elif name is not None and line.startswith("        "):
-                docs[name] += " " + line.strip()
+            heads = head.split(", ")
+            if line.startswith("    ") and not line.startswith("     ") and sep and all(h.isidentifier() for h in heads):
+                names = heads
+                docs.update({h: rest.strip() for h in heads})
+            elif names and line.startswith("        "):
+                docs.update({h: docs[h] + " " + line.strip() for h in names})
             else:
-                name = None
+                names = []
     return docs
 
 
