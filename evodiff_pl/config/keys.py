@@ -48,7 +48,8 @@ def arg_docs(cls: type) -> dict[str, str]:
         for line in text.split("Args:", 1)[-1].splitlines() if "Args:" in text else ():
             head, sep, rest = line.strip().partition(": ")
             heads = head.split(", ")
-            if line.startswith("    ") and not line.startswith("     ") and sep and all(h.isidentifier() for h in heads):
+            entry = line.startswith("    ") and not line.startswith("     ") and sep
+            if entry and all(h.isidentifier() for h in heads):
                 names = heads
                 docs.update({h: rest.strip() for h in heads})
             elif names and line.startswith("        "):

@@ -59,8 +59,8 @@ def backward_in_rounds(module: Any, x0: Tensor, labels: Tensor | None, sigma: Te
                        augment_labels: Tensor | None, dropout_seeds: Tensor, poison: bool = False) -> LossOutput:
     """Forward and backward of `module.net` on this process's batch in rounds of at most `module.batch_gpu`
     samples, each round's dropout masks from its samples' `dropout_seeds` (`sample_streams`); the gradient
-    (accumulated in the parameters' .grad) is that of sum(loss) · elements_per_sample / batch, all-reduced once. Returns the per-sample loss terms (loss detached;
-    NaN where `poison`, the test hook of train.nan_loss_steps)."""
+    (accumulated in the parameters' .grad) is that of sum(loss) · elements_per_sample / batch, all-reduced once.
+    Returns the per-sample loss terms (loss detached; NaN where `poison`, the test hook of train.nan_loss_steps)."""
     n, strategy = x0.shape[0], module.trainer.strategy
     parts = rounds(n, module.batch_gpu)
     outputs = []
