@@ -40,7 +40,7 @@ from evodiff_pl.sampling.outputs import (
 )
 from evodiff_pl.sampling.plan import Plan, plans
 from evodiff_pl.sampling.sweep import KEY, Progress, scored_rows, setting_key, weights_key
-from evodiff_pl.sampling.tune import tuned_grids
+from evodiff_pl.sampling.tune import check_tuning, tuned_grids
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,8 +203,9 @@ def build(cfg: SampleConfig) -> SamplingJob:
     shape = tuple(loaded.meta["sample_shape"])
     shape = decoder.image_shape(shape) if decoder is not None else shape
     formats = output_formats(cfg.format, len(shape) == 3, cfg.score != "none")
+    tune = check_tuning(cfg)  # before the reference statistics, which may take minutes
     score, seeds = build_score(cfg, loaded, device, shape)
-    rows = plans(cfg, loaded, tuned_grids(cfg, loaded, device, score if decoder is None else None))
+    rows = plans(cfg, loaded, tuned_grids(cfg, loaded, device, score if decoder is None else None) if tune else None)
     outdir = Path(cfg.outdir) if cfg.outdir is not None else default_outdir(loaded.path, is_url(cfg.ckpt))
     if world()[0] == 0:
         check_writable(outdir)

@@ -31,22 +31,28 @@ def stored_grids(cfg: SampleConfig, loaded: LoadedCheckpoint) -> TunedGrids | No
     return TunedGrids.from_dict(loaded.meta["tuned"]) if loaded.meta.get("tuned") else None
 
 
-def tuned_grids(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.device,
-                score: FrechetScore | None = None) -> TunedGrids | None:
-    """The tuned grids of every valid solver x NFE of the sweep if it asks for schedule=tuned (None otherwise):
-    stored ones, the missing (or with tune=true all) tuned now from the learned rescaled entropic grid (karras
-    where the checkpoint has no learned schedule) and written by rank 0 to `tuned_grids_path`. tune_objective=fd_data
-    tunes against `score`'s reference statistics (a Fréchet score of the samples the network makes)."""
+def check_tuning(cfg: SampleConfig) -> bool:
+    """Whether the sweep asks for schedule=tuned, after checking the tuning options (cheap: before any score or
+    sampling is prepared)."""
     schedules = names("schedule", cfg.schedule, list(SCHEDULES))
     if KIND not in schedules:
         if cfg.tune:
             raise SampleError("tune=true tunes the grids of schedule=tuned: add tuned to schedule=")
-        return None
+        return False
     if cfg.protocol != "default":
         raise SampleError(f"schedule=tuned needs protocol=default, got protocol={cfg.protocol}")
     check_choice("tune_objective", cfg.tune_objective, OBJECTIVES)
     if cfg.tune_samples < 2 or cfg.tune_evals < 1:
         raise SampleError(f"need tune_samples >= 2 and tune_evals >= 1, got {cfg.tune_samples}, {cfg.tune_evals}")
+    return True
+
+
+def tuned_grids(cfg: SampleConfig, loaded: LoadedCheckpoint, device: torch.device,
+                score: FrechetScore | None = None) -> TunedGrids | None:
+    """The tuned grids of every valid solver x NFE of a sweep that `check_tuning` accepted: stored ones, the missing
+    (or with tune=true all) tuned now from the learned rescaled entropic grid (karras where the checkpoint has no
+    learned schedule) and written by rank 0 to `tuned_grids_path`. tune_objective=fd_data tunes against `score`'s
+    reference statistics (a Fréchet score of the samples the network makes)."""
     wanted = []
     for solver in names("solver", cfg.solver, list(SOLVERS)):
         for count in nfes(cfg.nfe):
